@@ -1,0 +1,1 @@
+"""Meta-learning algorithms and non-meta baselines on one batched functional core."""

@@ -1,0 +1,74 @@
+"""Non-meta baselines that run through the same runner and evaluator.
+
+``GlobalModel``: the same model trained on every meta-train interaction (support and query
+pooled), no per-user adaptation. ``Finetune``: the global model plus a few SGD steps on each
+test user's support set (the baseline every meta-learner must beat).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from metarec_runner.algos.base import AdaptedScorer, MetaAlgorithm
+from metarec_runner.errors import require_positive
+from metarec_runner.tasks.taskset import TaskBatch
+
+
+class GlobalModel(MetaAlgorithm):
+    """Plain supervised training on all interactions of the meta-train users; no adaptation."""
+
+    adapts = False
+
+    def __init__(
+        self, model: nn.Module, meta_optimizer: Callable[..., torch.optim.Optimizer]
+    ) -> None:
+        super().__init__(model, meta_optimizer, adapt="all")
+
+    def meta_step(self, batch: TaskBatch) -> dict[str, float]:
+        pred_s, pred_q = self.model(batch.support_x), self.model(batch.query_x)
+        err = torch.cat([(pred_s - batch.support_y) ** 2 * batch.support_mask,
+                         (pred_q - batch.query_y) ** 2 * batch.query_mask], dim=1)
+        n = batch.support_mask.sum() + batch.query_mask.sum()
+        loss = err.sum() / n
+        self._outer_update(loss)
+        return {"loss": loss.item()}
+
+    def adapt(self, batch: TaskBatch) -> AdaptedScorer:
+        return AdaptedScorer(self, None)
+
+
+class Finetune(GlobalModel):
+    """Global model, then ``finetune_steps`` SGD steps per test user on its support set.
+
+    Args:
+        model, meta_optimizer: as :class:`GlobalModel`.
+        adapt: which parameters fine-tune (``head`` or ``all``).
+        finetune_lr: SGD step size at adaptation time.
+        finetune_steps: SGD steps at adaptation time.
+    """
+
+    adapts = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        meta_optimizer: Callable[..., torch.optim.Optimizer],
+        adapt: str = "head",
+        finetune_lr: float = 0.05,
+        finetune_steps: int = 5,
+    ) -> None:
+        MetaAlgorithm.__init__(self, model, meta_optimizer, adapt)
+        require_positive("finetune_lr", finetune_lr)
+        require_positive("finetune_steps", finetune_steps)
+        self.finetune_lr = float(finetune_lr)
+        self.finetune_steps = int(finetune_steps)
+
+    def adapt(self, batch: TaskBatch) -> AdaptedScorer:
+        with torch.enable_grad():
+            fast, _ = self.adapt_fast(
+                batch, self.finetune_lr, self.finetune_steps, create_graph=False, detach=True
+            )
+        return AdaptedScorer(self, {n: p.detach() for n, p in fast.items()})

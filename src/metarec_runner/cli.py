@@ -1,0 +1,92 @@
+"""``metarec`` command line: a thin typer shell over the Hydra app.
+
+``metarec train ...`` hands its arguments to the ``@hydra.main`` function unchanged (so ``-m``,
+``--cfg job``, ``hydra/launcher=...`` all work), except that ``algo=x`` becomes ``+algo=x``.
+Heavy imports (torch, hydra, mlflow) happen inside the commands, so ``metarec --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import typer
+
+app = typer.Typer(
+    help="Meta-learning for cold-start recommendation: config-driven experiments on Hydra + MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_PLAIN_ALGO = re.compile(r"^algo=")
+
+
+def normalize_overrides(args: list[str]) -> list[str]:
+    """Accept ``algo=maml`` as well as ``+algo=maml`` (``algo`` is not in the defaults list)."""
+    return ["+" + a if _PLAIN_ALGO.match(a) else a for a in args]
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                      "help_option_names": []},
+    add_help_option=False,
+)
+def train(ctx: typer.Context) -> None:
+    """Meta-train and test: `metarec train +algo=maml key=value ...` (`-m` for sweeps,
+    `--help` for Hydra's help with every config group)."""
+    sys.argv = ["metarec train", *normalize_overrides(list(ctx.args))]
+    from metarec_runner.run import main
+
+    main()
+
+
+@app.command("list")
+def list_options() -> None:
+    """Show the options of every config group (`+algo=<option>`, `dataset=<option>`, ...)."""
+    from metarec_runner.paths import conf_dir, group_options
+
+    root = conf_dir()
+    for group in sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "hydra"):
+        prefix = "+" if group == "algo" else ""
+        typer.echo(f"{prefix}{group}: {', '.join(group_options(group))}")
+
+
+@app.command()
+def ui(
+    port: int = typer.Option(5000, help="Port to listen on (127.0.0.1 only)."),
+    tracking_uri: str = typer.Option(None, help="Store to browse (default: the one `train` writes to)."),
+) -> None:
+    """Start the MLflow UI on the same store `metarec train` writes to, on 127.0.0.1."""
+    from metarec_runner.paths import default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri()
+    url = f"http://127.0.0.1:{port}"
+    runs = _latest_experiment_runs_path(uri)
+    typer.echo(f"MLflow UI for {uri}\nruns table: {url}/{runs}\n(Ctrl+C to stop)")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+           "--host", "127.0.0.1", "--port", str(port)]
+    try:
+        raise typer.Exit(subprocess.call(cmd, env=env))
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+def _latest_experiment_runs_path(uri: str) -> str:
+    """``#/experiments/<id>/runs`` for the most recently updated experiment (or the list)."""
+    if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):
+        return "#/experiments"
+    try:
+        from mlflow.tracking import MlflowClient
+
+        exps = MlflowClient(uri).search_experiments(order_by=["last_update_time DESC"], max_results=1)
+    except Exception:  # an unreachable store: the UI itself will say why
+        return "#/experiments"
+    return f"#/experiments/{exps[0].experiment_id}/runs" if exps else "#/experiments"
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""Evaluation: per-task metrics, confidence intervals, per-task tables."""

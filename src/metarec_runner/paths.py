@@ -1,0 +1,31 @@
+"""Where metarec finds its configs and writes its outputs (shared by the CLI and the runs)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def conf_dir() -> Path:
+    """The primary config folder: ``METAREC_CONF_DIR``, else the one shipped with the package."""
+    env = os.environ.get("METAREC_CONF_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parent / "conf"
+    return path.resolve()
+
+
+def output_root() -> Path:
+    """``METAREC_OUTPUT_DIR``, else ``./outputs`` (mirrors ``conf/paths/default.yaml``)."""
+    env = os.environ.get("METAREC_OUTPUT_DIR")
+    return Path(env).resolve() if env else Path.cwd().resolve() / "outputs"
+
+
+def default_tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI``, else the sqlite store under :func:`output_root`
+    (mirrors ``conf/logger/mlflow.yaml``)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{output_root()}/mlflow.db"
+
+
+def group_options(group: str) -> list[str]:
+    """Names of the YAML files in a config group folder (``algo`` -> ``["finetune", ...]``)."""
+    folder = conf_dir() / group
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []

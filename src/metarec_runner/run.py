@@ -1,0 +1,194 @@
+"""The ``@hydra.main`` task function: compose -> build -> fit -> test -> log -> return a metric.
+
+``metarec train`` rewrites ``sys.argv`` and calls :func:`main`, so multirun (``-m``), launchers,
+``--cfg job`` and Hydra's output folders all work as in any Hydra app.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from metarec_runner.errors import ConfigError, MetarecError
+from metarec_runner.paths import conf_dir, group_options
+from metarec_runner.runner import Runner
+from metarec_runner.tracking import flatten_config
+from metarec_runner.utils import git_sha, resolve_device, resolve_dtype, seed_everything, versions
+
+
+def build(group: str, node: DictConfig, **kwargs):
+    """Instantiate a config group's object; failures become one-line ConfigErrors naming ``group``.
+
+    Runtime objects (``schema``, ``model``) are passed to the partially instantiated target, so
+    Hydra never tries to turn them into config nodes.
+    """
+    target = node.get("_target_", "?")
+    try:
+        if kwargs:
+            return instantiate(node, _partial_=True)(**kwargs)
+        return instantiate(node)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause.under(group) from None
+        if isinstance(cause, MetarecError):
+            raise cause from None
+        raise ConfigError(group, f"cannot build {target}: {cause or e}") from None
+    except ConfigError as e:
+        raise e.under(group) from None
+    except TypeError as e:
+        if "argument" not in str(e):
+            raise
+        raise ConfigError(group, f"cannot build {target}: {e}") from None
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks that need the whole config; raises ConfigError."""
+    if "algo" not in cfg or cfg.algo is None:
+        raise ConfigError(
+            "algo", f"no algorithm chosen; add +algo=<name> with one of: {', '.join(group_options('algo'))}"
+        )
+    for key in ("seed", "split_seed"):
+        if not isinstance(cfg[key], int) or cfg[key] < 0:
+            raise ConfigError(key, f"must be a non-negative integer, got {cfg[key]!r}")
+
+
+class Prepared:
+    """Everything a run needs, built and checked before anything is written to the tracker."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        validate(cfg)
+        if cfg.threads is not None:
+            torch.set_num_threads(int(cfg.threads))
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype)
+        seed_everything(cfg.split_seed)
+        self.data = build("dataset", cfg.dataset)
+        self.splits = build("splitter", cfg.splitter)(self.data)
+        seed_everything(cfg.seed)
+        self.trainer = build("trainer", cfg.trainer)
+        self.evaluator = build("evaluator", cfg.evaluator)
+        self.evaluator.check_query_size(int(min(self.splits.val.query_sizes.min(), self.splits.test.query_sizes.min())))
+        mean = float(self.splits.train.support_y.mean())
+        model = build("model", cfg.model, schema=self.data.schema, rating_mean=mean)
+        self.model = model.to(device=self.device, dtype=self.dtype)
+        self.algo = build("algo", cfg.algo, model=self.model)
+        self.tracker = build("logger", cfg.logger)
+
+
+def _tags(cfg: DictConfig, prep: Prepared) -> dict[str, str]:
+    hc = HydraConfig.get()
+    tags = {f"choice.{k}": str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra")}
+    tags.update({
+        "algo": str(hc.runtime.choices.get("algo")),
+        "model": str(hc.runtime.choices.get("model")),
+        "dataset": prep.data.name,
+        "splitter": str(hc.runtime.choices.get("splitter")),
+        "protocol": prep.evaluator.protocol,
+        "split_hash": prep.splits.split_hash,
+        "data_checksum": prep.data.checksum(),
+        "git_sha": git_sha(),
+        "device": str(prep.device),
+        "output_dir": hc.runtime.output_dir,
+        "overrides": " ".join(hc.overrides.task)[:5000],
+    })
+    tags.update({f"version.{k}": v for k, v in versions().items()})
+    return tags
+
+
+def _print_results(console: Console, summary: dict[str, float], metric_names: list[str]) -> None:
+    from rich.table import Table
+
+    table = Table(title="test metrics (mean over test users, 95% CI)")
+    table.add_column("metric")
+    table.add_column("mean", justify="right")
+    table.add_column("± 95% CI", justify="right")
+    for m in metric_names:
+        if f"test/{m}" in summary:
+            table.add_row(m, f"{summary[f'test/{m}']:.4f}", f"{summary[f'test/{m}_ci95']:.4f}")
+    console.print(table)
+
+
+def _fail(err: MetarecError, code: int) -> None:
+    print(f"metarec: error: {err}", file=sys.stderr)
+    sys.exit(code)
+
+
+def train_task(cfg: DictConfig) -> float:
+    """Run one experiment; returns the best value of ``trainer.monitor`` (for sweepers)."""
+    hc = HydraConfig.get()
+    out_dir = Path(hc.runtime.output_dir)
+    try:
+        prep = Prepared(cfg)
+    except MetarecError as err:
+        # nothing was tracked: remove the run folder Hydra created, so no half-written run remains
+        shutil.rmtree(out_dir, ignore_errors=True)
+        _fail(err, 2)
+    console = Console(soft_wrap=True)
+    splits = prep.splits
+    parent = None
+    if hc.mode == RunMode.MULTIRUN:
+        parent = type(prep.tracker).read_sweep_parent(hc.sweep.dir)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    params = flatten_config(resolved)
+    params.update({f"split.{k}": str(v) for k, v in splits.summary().items()})
+    params["data.noise_floor_rmse"] = str(prep.data.noise_floor_rmse)
+    prep.tracker.start(params=params, tags=_tags(cfg, prep), parent=parent)
+    try:
+        console.print(
+            f"[bold]{cfg.run_name}[/]  data={prep.data.name} ({len(prep.data.ratings)} ratings)  "
+            f"tasks train/val/test={len(splits.train)}/{len(splits.val)}/{len(splits.test)}  "
+            f"split_hash={splits.split_hash}  device={prep.device}", highlight=False,
+        )
+        runner = Runner(prep.algo, prep.evaluator, prep.tracker, prep.trainer, prep.device, cfg.seed,
+                        console=Console(stderr=True))
+        fit = runner.fit(splits.train, splits.val)
+        test = runner.test(splits.test)
+        prep.tracker.log_metrics(test.summary, step=fit.best_epoch)
+        prep.tracker.log_metrics({"val/best_epoch": fit.best_epoch}, step=fit.best_epoch)
+        (out_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
+        (out_dir / "metrics.json").write_text(json.dumps(
+            {"best_epoch": fit.best_epoch, "best_" + prep.trainer.monitor: fit.best_value, **test.summary},
+            indent=2))
+        test.per_task.to_csv(out_dir / "per_task.csv", index=False)
+        test.by_support.to_csv(out_dir / "by_support_size.csv", index=False)
+        import pandas as pd
+        pd.DataFrame(fit.history).to_csv(out_dir / "history.csv", index=False)
+        for name in ("config_resolved.yaml", "metrics.json", "per_task.csv", "by_support_size.csv",
+                     "history.csv"):
+            prep.tracker.log_artifact(out_dir / name)
+        if (out_dir / ".hydra").is_dir():
+            prep.tracker.log_artifacts(out_dir / ".hydra", artifact_path="hydra")
+        prep.tracker.finish("FINISHED")
+    except KeyboardInterrupt:
+        prep.tracker.finish("KILLED")
+        raise
+    except MetarecError as err:
+        prep.tracker.finish("FAILED")
+        _fail(err, 1)
+    except BaseException:
+        prep.tracker.finish("FAILED")
+        raise
+    _print_results(console, test.summary, [*prep.evaluator.metric_names, "floor_rmse"])
+    console.print(f"best epoch {fit.best_epoch}: {prep.trainer.monitor}={fit.best_value:.4f}  "
+                  f"outputs: {out_dir}", highlight=False)
+    if prep.tracker.run_id:
+        console.print(f"MLflow: {prep.tracker.run_url_hint}  (browse with `metarec ui`)", highlight=False)
+    return float(fit.best_value) if math.isfinite(fit.best_value) else float("nan")
+
+
+def main() -> None:
+    """Entry point for ``metarec train`` (reads overrides from ``sys.argv``)."""
+    hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")(train_task)()

@@ -1,0 +1,163 @@
+"""Runner: meta-train epochs over task batches, validation, early stopping, the test pass.
+
+The runner owns the loop, the device, the task-sampling RNG and the tracker calls; algorithms
+own only their update rules (``meta_step``, ``adapt``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from metarec_runner.algos.base import MetaAlgorithm
+from metarec_runner.errors import ConfigError, TrainingError, require_choice, require_positive
+from metarec_runner.evaluate.evaluator import EvalResult, QueryEvaluator
+from metarec_runner.tasks.taskset import TaskSet
+
+
+@dataclass
+class TrainerConfig:
+    """``conf/trainer/*.yaml``; see the comments there."""
+
+    max_epochs: int = 20
+    meta_batch_size: int = 32
+    monitor: str = "val/rmse"
+    monitor_mode: str = "min"
+    patience: int = 5
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        require_positive("trainer.max_epochs", self.max_epochs)
+        require_positive("trainer.meta_batch_size", self.meta_batch_size)
+        require_choice("trainer.monitor_mode", self.monitor_mode, ("min", "max"))
+        if self.patience < 0:
+            raise ConfigError("trainer.patience", f"must be >= 0, got {self.patience}")
+        if not self.monitor.startswith("val/"):
+            raise ConfigError("trainer.monitor", f"must be a validation metric like val/rmse, got {self.monitor!r}")
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` found: the best epoch and its monitored value, and the per-epoch history."""
+
+    best_epoch: int = 0
+    best_value: float = math.nan
+    history: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+class Runner:
+    """Meta-trains ``algo`` and evaluates it with ``evaluator``.
+
+    Args:
+        algo: the algorithm (owns the model and the outer optimizer).
+        evaluator: scores adapted models on query items.
+        tracker: MLflow or null tracker (``log_metrics`` buffers; flushed once per epoch).
+        config: trainer settings.
+        device: where tensors live.
+        seed: seeds the task-sampling generator (meta-batch order).
+        dtype: floating dtype of ratings (the model's dtype).
+        console: where progress and summaries are printed.
+    """
+
+    def __init__(self, algo: MetaAlgorithm, evaluator: QueryEvaluator, tracker, config: TrainerConfig,
+                 device: torch.device, seed: int, console: Console | None = None) -> None:
+        self.algo = algo
+        self.evaluator = evaluator
+        self.tracker = tracker
+        self.config = config
+        self.device = device
+        self.generator = torch.Generator().manual_seed(seed)
+        self.dtype = next(algo.model.parameters()).dtype
+        self.console = console or Console(stderr=True)
+
+    def _improved(self, value: float, best: float) -> bool:
+        if math.isnan(best):
+            return not math.isnan(value)
+        return value < best if self.config.monitor_mode == "min" else value > best
+
+    def _train_epoch(self, train: TaskSet, epoch: int, progress: Progress, bar) -> dict[str, float]:
+        """One pass over the meta-train tasks in a seeded random order."""
+        self.algo.model.train()
+        order = torch.randperm(len(train), generator=self.generator)
+        sums: dict[str, float] = {}
+        steps = 0
+        start = time.perf_counter()
+        for chunk in order.split(self.config.meta_batch_size):
+            batch = train.batch(chunk).to(self.device, self.dtype)
+            stats = self.algo.meta_step(batch)
+            if not all(math.isfinite(v) for v in stats.values()):
+                raise TrainingError(
+                    f"train/loss became {stats.get('loss')} at epoch {epoch} step {steps + 1}; "
+                    "lower algo.meta_optimizer.lr (or algo.inner_lr) and run again"
+                )
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+            steps += 1
+            progress.update(bar, advance=len(chunk))
+        seconds = time.perf_counter() - start
+        out = {f"train/{k}": v / steps for k, v in sums.items()}
+        out["sys/sec_per_outer_step"] = seconds / steps
+        out["sys/train_tasks_per_sec"] = len(train) / seconds
+        return out
+
+    def fit(self, train: TaskSet, val: TaskSet) -> FitResult:
+        """Meta-train with validation every epoch and early stopping on ``config.monitor``.
+
+        The model ends in its best validation state.
+        """
+        result = FitResult()
+        best_state = None
+        stale = 0
+        with Progress(
+            TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
+            MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+            console=self.console, disable=not self.config.progress, transient=True,
+        ) as progress:
+            bar = progress.add_task("train", total=len(train), epoch=1,
+                                    epochs=self.config.max_epochs, info="")
+            for epoch in range(1, self.config.max_epochs + 1):
+                progress.reset(bar, total=len(train), epoch=epoch, epochs=self.config.max_epochs,
+                               info=progress.tasks[0].fields.get("info", ""))
+                metrics = self._train_epoch(train, epoch, progress, bar)
+                val_result = self.evaluator.evaluate(self.algo, val, "val", self.device)
+                metrics.update(val_result.summary)
+                if self.device.type == "cuda":
+                    metrics["sys/peak_gpu_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+                value = metrics.get(self.config.monitor, math.nan)
+                if self.config.monitor not in metrics:
+                    raise ConfigError("trainer.monitor", f"{self.config.monitor!r} is not computed; "
+                                      f"choose one of {', '.join(k for k in metrics if k.startswith('val/'))}")
+                improved = self._improved(value, result.best_value)
+                if improved:
+                    result.best_epoch, result.best_value, stale = epoch, value, 0
+                    best_state = copy.deepcopy(self.algo.state_dict())
+                else:
+                    stale += 1
+                metrics["val/best_" + self.config.monitor[4:]] = result.best_value
+                result.history.append({"epoch": epoch, **metrics})
+                self.tracker.log_metrics(metrics, step=epoch)
+                self.tracker.flush()
+                self.console.print(
+                    f"epoch {epoch:>3}/{self.config.max_epochs}  train/loss={metrics['train/loss']:.4f}  "
+                    f"{self.config.monitor}={value:.4f}{' *' if improved else '  '}  "
+                    f"{metrics['sys/train_tasks_per_sec']:.0f} tasks/s",
+                    highlight=False,
+                )
+                progress.update(bar, info=f"{self.config.monitor}={value:.4f}")
+                if stale > self.config.patience:
+                    result.stopped_early = True
+                    break
+        if best_state is not None:
+            self.algo.load_state_dict(best_state)
+        return result
+
+    def test(self, test: TaskSet) -> EvalResult:
+        """Adapt on every test task's support set and score its query items."""
+        return self.evaluator.evaluate(self.algo, test, "test", self.device)

@@ -1,0 +1,1 @@
+"""Meta-learning tasks: splitters turn Interactions into TaskSets of padded task batches."""

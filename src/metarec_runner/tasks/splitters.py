@@ -1,0 +1,162 @@
+"""Splitters: Interactions -> TaskSplits (meta-train / validation / test tasks).
+
+Tasks depend only on the splitter's ``seed`` (``split_seed`` in the top-level config), never on
+the training seed, so a seed sweep compares models on identical tasks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from metarec_runner.data.interactions import Interactions
+from metarec_runner.errors import ConfigError, DataError, require_positive
+from metarec_runner.tasks.taskset import TaskSet, TaskSplits
+
+
+def _check_ratios(ratios: Sequence[float]) -> tuple[float, float, float]:
+    if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6:
+        raise ConfigError(
+            "ratios", f"must be three non-negative fractions summing to 1 (train, val, test), "
+            f"got {list(ratios)}; e.g. ratios=[0.8,0.1,0.1]"
+        )
+    if ratios[0] == 0 or ratios[2] == 0:
+        raise ConfigError("ratios", f"train and test fractions must be > 0, got {list(ratios)}")
+    return float(ratios[0]), float(ratios[1]), float(ratios[2])
+
+
+class UserColdStart:
+    """User cold start: one task per user; train, validation and test users are disjoint.
+
+    Each user's interactions are shuffled once with ``seed``; the first ``n_query`` form the
+    query set and the rest (or the next ``n_support``) the support set.
+
+    Args:
+        ratios: fractions of eligible users for (train, val, test).
+        n_query: query interactions per user.
+        n_support: support interactions per user; ``None`` = all but the query.
+        min_interactions: keep users with at least this many interactions.
+        max_interactions: keep users with at most this many (``None`` = no limit).
+        seed: the split seed.
+    """
+
+    def __init__(
+        self,
+        ratios: Sequence[float] = (0.8, 0.1, 0.1),
+        n_query: int = 10,
+        n_support: int | None = None,
+        min_interactions: int = 13,
+        max_interactions: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.ratios = _check_ratios(list(ratios))
+        require_positive("n_query", n_query)
+        if n_support is not None:
+            require_positive("n_support", n_support)
+        require_positive("min_interactions", min_interactions)
+        if max_interactions is not None and max_interactions < min_interactions:
+            raise ConfigError(
+                "max_interactions",
+                f"{max_interactions} is below min_interactions={min_interactions}; raise it or set null",
+            )
+        self.n_query = int(n_query)
+        self.n_support = None if n_support is None else int(n_support)
+        self.min_interactions = int(min_interactions)
+        self.max_interactions = None if max_interactions is None else int(max_interactions)
+        self.seed = int(seed)
+
+    def _eligible_users(self, counts: np.ndarray, name: str) -> np.ndarray:
+        """User codes that pass the interaction-count filter and can hold the task."""
+        keep = counts >= self.min_interactions
+        if self.max_interactions is not None:
+            keep &= counts <= self.max_interactions
+        users = np.flatnonzero(keep)
+        if len(users) == 0:
+            raise DataError(
+                f"dataset {name!r}: no user has between splitter.min_interactions="
+                f"{self.min_interactions} and splitter.max_interactions={self.max_interactions} "
+                f"interactions (counts range {counts.min()}..{counts.max()}); widen the filter"
+            )
+        need = self.n_query + (self.n_support or 1)
+        short = users[counts[users] < need]
+        if len(short):
+            what = "support" if self.n_support is None else f"{self.n_support} support items"
+            raise ConfigError(
+                "splitter.n_query",
+                f"n_query={self.n_query} leaves no room for {what} for {len(short)} users with "
+                f"fewer than {need} interactions (smallest: {counts[short].min()}); lower "
+                f"splitter.n_query or raise splitter.min_interactions to {need}",
+            )
+        return users
+
+    def __call__(self, data: Interactions) -> TaskSplits:
+        """Split ``data`` into tasks. Deterministic in ``seed`` and the data."""
+        users_col = data.ratings["user"].to_numpy(np.int64)
+        counts = np.bincount(users_col, minlength=data.n_users)
+        users = self._eligible_users(counts, data.name)
+        rng = np.random.default_rng(self.seed)
+        users = users[rng.permutation(len(users))]
+        n_train = int(round(self.ratios[0] * len(users)))
+        n_val = int(round(self.ratios[1] * len(users)))
+        groups = (users[:n_train], users[n_train:n_train + n_val], users[n_train + n_val:])
+        if len(groups[0]) == 0 or len(groups[2]) == 0:
+            raise DataError(
+                f"dataset {data.name!r}: {len(users)} eligible users are too few for "
+                f"splitter.ratios={list(self.ratios)}; use more users or other ratios"
+            )
+        # rank of each interaction within its user, in a seeded random order
+        key = rng.random(len(users_col))
+        order = np.lexsort((key, users_col))
+        rank = np.empty(len(users_col), dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        rank[order] = np.arange(len(users_col)) - starts[users_col[order]]
+        is_query = rank < self.n_query
+        is_support = ~is_query
+        if self.n_support is not None:
+            is_support &= rank < self.n_query + self.n_support
+        parts = [self._taskset(data, g, rank, is_support, is_query) for g in groups]
+        return TaskSplits(*parts)
+
+    def _taskset(
+        self,
+        data: Interactions,
+        group: np.ndarray,
+        rank: np.ndarray,
+        is_support: np.ndarray,
+        is_query: np.ndarray,
+    ) -> TaskSet:
+        """Flat CSR TaskSet for the users in ``group`` (in that order)."""
+        users_col = data.ratings["user"].to_numpy(np.int64)
+        position = np.full(data.n_users, -1, dtype=np.int64)
+        position[group] = np.arange(len(group))
+        task_of_row = position[users_col]
+
+        def rows(select: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+            idx = np.flatnonzero(select & (task_of_row >= 0))
+            idx = idx[np.lexsort((rank[idx], task_of_row[idx]))]
+            sizes = np.bincount(task_of_row[idx], minlength=len(group))
+            offsets = torch.zeros(len(group) + 1, dtype=torch.long)
+            offsets[1:] = torch.from_numpy(np.cumsum(sizes))
+            return idx, offsets
+
+        s_idx, s_off = rows(is_support)
+        q_idx, q_off = rows(is_query)
+        items_col = data.ratings["item"].to_numpy(np.int64)
+        ratings = data.ratings["rating"].to_numpy(np.float32)
+        expected = None
+        if "expected_rating" in data.ratings.columns:
+            expected = torch.from_numpy(
+                data.ratings["expected_rating"].to_numpy(np.float32)[q_idx].copy()
+            )
+        return TaskSet(
+            task_ids=torch.from_numpy(group.copy()),
+            support_x=data.feature_rows(users_col[s_idx], items_col[s_idx]),
+            support_y=torch.from_numpy(ratings[s_idx].copy()),
+            support_offsets=s_off,
+            query_x=data.feature_rows(users_col[q_idx], items_col[q_idx]),
+            query_y=torch.from_numpy(ratings[q_idx].copy()),
+            query_offsets=q_off,
+            query_expected=expected,
+        )

@@ -1,0 +1,9 @@
+"""Experiment tracking: MLflow runs (buffered metrics, sweep parents) or a no-op tracker.
+
+Importing this package does not import ``mlflow``; the trackers import it on first use.
+"""
+
+from metarec_runner.tracking.flatten import flatten_config
+from metarec_runner.tracking.mlflow_tracker import MlflowTracker, NullTracker, SweepParent
+
+__all__ = ["MlflowTracker", "NullTracker", "SweepParent", "flatten_config"]

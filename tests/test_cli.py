@@ -1,0 +1,119 @@
+"""The CLI through a subprocess, as a user runs it; the MLflow store really holds the runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+METAREC = [sys.executable, "-m", "metarec_runner.cli"]
+TINY = ["dataset.n_users=120", "dataset.n_items=80", "trainer.max_epochs=2", "trainer.progress=false"]
+
+
+def _run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **env}
+    return subprocess.run([*METAREC, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _client(out: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{out}/mlflow.db")
+
+
+def test_help_is_fast_and_lists_commands(tmp_path):
+    start = time.perf_counter()
+    res = _run(["--help"], tmp_path)
+    elapsed = time.perf_counter() - start
+    assert res.returncode == 0 and "train" in res.stdout and "ui" in res.stdout
+    # lazy imports: neither torch nor mlflow is loaded for --help
+    probe = subprocess.run([sys.executable, "-c", "import sys, metarec_runner.cli; "
+                            "print('torch' in sys.modules, 'mlflow' in sys.modules, 'hydra' in sys.modules)"],
+                           capture_output=True, text=True)
+    assert probe.stdout.split() == ["False", "False", "False"]
+    print(f"metarec --help took {elapsed:.2f}s")
+
+
+@pytest.mark.slow
+def test_single_run_is_tracked_with_params_metrics_artifacts(tmp_path):
+    out = tmp_path / "outputs"
+    res = _run(["train", "+algo=maml", *TINY], tmp_path, METAREC_OUTPUT_DIR=str(out))
+    assert res.returncode == 0, res.stderr
+    assert "test metrics" in res.stdout and "rmse" in res.stdout
+    client = _client(out)
+    exp = client.get_experiment_by_name("train/toy")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["algo._target_"] == "metarec_runner.algos.maml.MAML"
+    assert run.data.params["algo.inner_lr"] == "0.05"
+    assert run.data.tags["algo"] == "maml" and len(run.data.tags["split_hash"]) == 16
+    assert "test/rmse" in run.data.metrics and "test/rmse_ci95" in run.data.metrics
+    history = client.get_metric_history(run.info.run_id, "val/rmse")
+    assert [m.step for m in history] == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"per_task.csv", "config_resolved.yaml", "metrics.json", "hydra"} <= artifacts
+    hydra_files = {a.path for a in client.list_artifacts(run.info.run_id, "hydra")}
+    assert {"hydra/config.yaml", "hydra/overrides.yaml", "hydra/hydra.yaml"} <= hydra_files
+    local = Path(client.download_artifacts(run.info.run_id, "metrics.json", str(tmp_path)))
+    assert json.loads(local.read_text())["test/rmse"] == pytest.approx(run.data.metrics["test/rmse"])
+
+
+@pytest.mark.slow
+def test_two_job_sweep_has_one_parent_with_two_children(tmp_path):
+    out = tmp_path / "outputs"
+    res = _run(["train", "-m", "algo=maml,global", *TINY], tmp_path, METAREC_OUTPUT_DIR=str(out))
+    assert res.returncode == 0, res.stderr
+    client = _client(out)
+    exp = client.get_experiment_by_name("train/toy")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert {c.data.tags["algo"] for c in children} == {"maml", "global"}
+    assert all(r.info.status == "FINISHED" for r in runs)
+    sweep_dirs = list((out / "multiruns").glob("*/*"))
+    assert len(sweep_dirs) == 1 and (sweep_dirs[0] / "mlflow_parent.json").exists()
+
+
+def test_missing_algo_is_one_line_and_leaves_nothing(tmp_path):
+    out = tmp_path / "outputs"
+    res = _run(["train", *TINY], tmp_path, METAREC_OUTPUT_DIR=str(out))
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no algorithm chosen" in lines[0] and "+algo=<name>" in lines[0]
+    assert "maml" in lines[0] and "reptile" in lines[0]
+    assert not list(out.glob("runs/*/*")) and not (out / "mlflow.db").exists()
+
+
+def test_unknown_algo_lists_options(tmp_path):
+    res = _run(["train", "+algo=not_an_algo", *TINY], tmp_path)
+    assert res.returncode != 0
+    assert "not_an_algo" in res.stderr and "maml" in res.stderr and "Available options" in res.stderr
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("algo.inner_lr=-0.1", "algo.inner_lr: must be > 0"),
+    ("splitter.n_query=100", "splitter.n_query"),
+])
+def test_bad_values_fail_cleanly_without_a_run(tmp_path, override, needle):
+    out = tmp_path / "outputs"
+    res = _run(["train", "+algo=maml", *TINY, override], tmp_path, METAREC_OUTPUT_DIR=str(out))
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], res.stderr
+    assert not list(out.glob("runs/*/*")) and not (out / "mlflow.db").exists()
+
+
+def test_cfg_job_prints_the_config(tmp_path):
+    res = _run(["train", "algo=reptile", "--cfg", "job"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "metarec_runner.algos.reptile.Reptile" in res.stdout
