@@ -117,3 +117,35 @@ def test_cfg_job_prints_the_config(tmp_path):
     res = _run(["train", "algo=reptile", "--cfg", "job"], tmp_path)
     assert res.returncode == 0, res.stderr
     assert "metarec_runner.algos.reptile.Reptile" in res.stdout
+
+
+@pytest.mark.slow
+def test_ui_serves_the_store_train_writes_to(tmp_path):
+    import socket
+    import urllib.request
+
+    out = tmp_path / "outputs"
+    assert _run(["train", "+algo=global", *TINY], tmp_path, METAREC_OUTPUT_DIR=str(out)).returncode == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([*METAREC, "ui", "--port", str(port)], cwd=tmp_path,
+                            env={**os.environ, "METAREC_OUTPUT_DIR": str(out)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        first = proc.stdout.readline() + proc.stdout.readline()
+        exp_id = _client(out).get_experiment_by_name("train/toy").experiment_id
+        assert f"http://127.0.0.1:{port}/#/experiments/{exp_id}/runs" in first
+        body = None
+        for _ in range(120):
+            try:
+                req = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=train/toy")
+                body = urllib.request.urlopen(req, timeout=2).read().decode()
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert body is not None and exp_id in body
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
