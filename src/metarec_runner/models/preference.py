@@ -39,19 +39,44 @@ class MLPHead(nn.Module):
         """``h [..., D]`` -> scores ``[...]``."""
         return self.net(h).squeeze(-1)
 
+    #: name of the first Linear layer; the batched core's fixed-input path keys on it (see
+    #: ``algos.functional.fixed_input_inner_loop``)
+    first_linear_name = "net.0"
+
     def forward_batched(self, params: dict[str, Tensor], h: Tensor, prefix: str = "") -> Tensor:
         """Per-task weights, hand-batched: ``params[name] [B, *shape]``, ``h [B, L, D]`` -> ``[B, L]``.
 
         Equal to running :meth:`forward` once per task with that task's weights; ``baddbmm``
         does all tasks in one call (faster than ``vmap`` on CPU, see ARCHITECTURE.md section 4).
         """
+        w, b = params[f"{prefix}net.0.weight"], params[f"{prefix}net.0.bias"]
+        return self.forward_rest(params, torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2)), prefix)
+
+    def forward_rest(self, params: dict[str, Tensor], z: Tensor, prefix: str = "") -> Tensor:
+        """The layers after the first Linear, with per-task weights.
+
+        Args:
+            params: ``{name: [B, *shape]}`` per-task weights of those layers (other entries are
+                ignored).
+            z: ``[B, L, H]`` outputs of the first Linear layer (pre-activation).
+
+        Returns:
+            ``[B, L]`` scores.
+        """
         for i, layer in enumerate(self.net):
+            if i == 0:
+                continue
             if isinstance(layer, nn.Linear):
                 w, b = params[f"{prefix}net.{i}.weight"], params[f"{prefix}net.{i}.bias"]
-                h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+                if layer.out_features == 1:
+                    # a batched matrix-vector product: elementwise ops here (and in the backward
+                    # passes) beat a bmm whose gradients are outer products with inner size 1
+                    z = (z * w).sum(-1, keepdim=True) + b.unsqueeze(1)
+                else:
+                    z = torch.baddbmm(b.unsqueeze(1), z, w.transpose(1, 2))
             else:
-                h = layer(h)
-        return h.squeeze(-1)
+                z = layer(z)
+        return z.squeeze(-1)
 
 
 class PreferenceEstimator(nn.Module):
