@@ -176,6 +176,7 @@ def train_task(cfg: DictConfig) -> float:
         prep.tracker.finish("KILLED")
         raise
     except MetarecError as err:
+        prep.tracker.set_tags({"error": str(err)[:5000]})
         prep.tracker.finish("FAILED")
         _fail(err, 1)
     except BaseException:

@@ -1,0 +1,84 @@
+"""Runner behaviour: reproducible on CPU, seeds separated from tasks, divergence fails the run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from rich.console import Console
+
+from metarec_runner.paths import conf_dir
+from metarec_runner.run import Prepared
+from metarec_runner.runner import Runner
+
+TINY = ["dataset.n_users=120", "dataset.n_items=80", "trainer.max_epochs=3", "trainer.progress=false"]
+
+
+def _fit_test(*overrides: str):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["logger=none", *TINY, *overrides])
+    prep = Prepared(cfg)
+    runner = Runner(prep.algo, prep.evaluator, prep.tracker, prep.trainer, prep.device, cfg.seed,
+                    console=Console(quiet=True))
+    fit = runner.fit(prep.splits.train, prep.splits.val)
+    return prep, fit, runner.test(prep.splits.test)
+
+
+def _numbers(metrics: dict) -> dict:
+    """Metrics minus wall-clock timings, NaN made comparable."""
+    return {k: ("nan" if v != v else v) for k, v in metrics.items() if not k.startswith("sys/")}
+
+
+def test_same_seeds_same_numbers_other_seed_same_tasks():
+    a_prep, a_fit, a = _fit_test("+algo=maml", "seed=1")
+    b_prep, b_fit, b = _fit_test("+algo=maml", "seed=1")
+    c_prep, c_fit, c = _fit_test("+algo=maml", "seed=2")
+    assert _numbers(a.summary) == _numbers(b.summary)
+    assert [_numbers(h) for h in a_fit.history] == [_numbers(h) for h in b_fit.history]
+    assert a_prep.splits.split_hash == c_prep.splits.split_hash  # seed does not touch tasks
+    assert a.summary["test/rmse"] != c.summary["test/rmse"]
+    d_prep, _, _ = _fit_test("+algo=maml", "seed=1", "split_seed=5")
+    assert d_prep.splits.split_hash != a_prep.splits.split_hash
+
+
+def test_model_is_restored_to_its_best_validation_epoch():
+    prep, fit, result = _fit_test("+algo=global", "trainer.max_epochs=6")
+    vals = [h["val/rmse"] for h in fit.history]
+    assert fit.best_value == min(vals) and fit.best_epoch == vals.index(min(vals)) + 1
+    again = prep.evaluator.evaluate(prep.algo, prep.splits.val, "val", prep.device)
+    assert again.summary["val/rmse"] == pytest.approx(fit.best_value, abs=1e-6)
+
+
+def test_early_stopping_respects_patience():
+    _, fit, _ = _fit_test("+algo=global", "trainer.max_epochs=30", "trainer.patience=0",
+                          "algo.meta_optimizer.lr=0.05")
+    assert fit.stopped_early and len(fit.history) < 30
+    assert len(fit.history) == fit.best_epoch + 1
+
+
+@pytest.mark.slow
+def test_divergence_fails_the_run_in_mlflow(tmp_path):
+    out = tmp_path / "outputs"
+    res = subprocess.run([sys.executable, "-m", "metarec_runner.cli", "train", "+algo=maml",
+                          "algo.inner_lr=1000", *TINY], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "METAREC_OUTPUT_DIR": str(out)}, timeout=300)
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines()[-1].startswith("metarec: error: train/loss became nan")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("train/toy").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    assert "nan" in runs[0].data.tags["error"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_run_matches_cpu_within_tolerance():
+    _, _, cpu = _fit_test("+algo=maml", "device=cpu", "dtype=float64")
+    _, _, gpu = _fit_test("+algo=maml", "device=cuda", "dtype=float64")
+    assert gpu.summary["test/rmse"] == pytest.approx(cpu.summary["test/rmse"], abs=1e-6)
