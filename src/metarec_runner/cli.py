@@ -88,5 +88,10 @@ def _latest_experiment_runs_path(uri: str) -> str:
     return f"#/experiments/{exps[0].experiment_id}/runs" if exps else "#/experiments"
 
 
+from metarec_runner.data_cli import data_app  # stdlib + typer only: --help stays fast
+
+app.add_typer(data_app, name="data")
+
+
 if __name__ == "__main__":
     app()

@@ -26,25 +26,44 @@ OPTIONAL_RATING_COLUMNS = ("expected_rating",)
 class FeatureSchema:
     """The categorical fields of one interaction row, in column order.
 
-    Rows are built as ``[user features..., item features..., user_id, item_id]``;
-    ``cardinalities[j]`` is the number of distinct tokens of field ``j``.
+    Rows are built as ``[user fields..., item fields..., user_id, item_id]``. A field occupies
+    ``widths[j]`` consecutive columns: 1 for a single token, more for a *bag* of tokens (genres,
+    title words) padded with ``-1``. ``cardinalities[j]`` is the number of distinct tokens.
     """
 
     names: tuple[str, ...]
     cardinalities: tuple[int, ...]
+    widths: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.widths:
+            object.__setattr__(self, "widths", (1,) * len(self.names))
+        if not len(self.names) == len(self.cardinalities) == len(self.widths):
+            raise DataError("feature schema: names, cardinalities and widths differ in length")
 
     @property
     def n_fields(self) -> int:
         return len(self.names)
 
+    @property
+    def n_columns(self) -> int:
+        """Columns of a feature row (bags count their width)."""
+        return sum(self.widths)
+
     def index(self, name: str) -> int:
-        """Column index of field ``name``."""
+        """Field number of ``name``."""
         try:
             return self.names.index(name)
         except ValueError:
             raise DataError(
                 f"unknown feature field {name!r}; the dataset has {', '.join(self.names)}"
             ) from None
+
+    def columns(self, name: str) -> range:
+        """Row columns that hold field ``name``."""
+        j = self.index(name)
+        start = sum(self.widths[:j])
+        return range(start, start + self.widths[j])
 
 
 @dataclass
@@ -59,6 +78,8 @@ class Interactions:
             per field (field names are the column names).
         item_features: frame indexed by item code ``0..n_items-1``; same layout.
         cardinalities: tokens per feature column (``{column: n_tokens}``).
+        user_bags, item_bags: bag-of-token fields, ``{name: int64 array [n, width]}`` padded
+            with ``-1`` (e.g. genres, title words); their token counts are in ``cardinalities``.
         rating_scale: ``(min, max)`` of the rating scale.
         noise_floor_rmse: RMSE of the data's own generating model (synthetic data only).
         metadata: free-form facts about the source (file checksums, generator settings).
@@ -69,6 +90,8 @@ class Interactions:
     user_features: pd.DataFrame
     item_features: pd.DataFrame
     cardinalities: dict[str, int]
+    user_bags: dict[str, np.ndarray] = field(default_factory=dict)
+    item_bags: dict[str, np.ndarray] = field(default_factory=dict)
     rating_scale: tuple[float, float] = (1.0, 5.0)
     noise_floor_rmse: float | None = None
     metadata: dict = field(default_factory=dict)
@@ -83,6 +106,12 @@ class Interactions:
             for col in frame.columns:
                 if col not in self.cardinalities:
                     raise DataError(f"dataset {self.name!r}: {kind} feature {col!r} has no cardinality")
+        for bags, n, kind in ((self.user_bags, self.n_users, "user"), (self.item_bags, self.n_items, "item")):
+            for name, arr in bags.items():
+                if name not in self.cardinalities or arr.ndim != 2 or arr.shape[0] != n:
+                    raise DataError(
+                        f"dataset {self.name!r}: {kind} bag {name!r} must be [{n}, width] with a cardinality"
+                    )
 
     @property
     def n_users(self) -> int:
@@ -92,14 +121,20 @@ class Interactions:
     def n_items(self) -> int:
         return len(self.item_features)
 
+    def _fields(self) -> list[tuple[str, int, int]]:
+        """``(name, cardinality, width)`` per field, in row order (without the id fields)."""
+        out = [(c, self.cardinalities[c], 1) for c in self.user_features.columns]
+        out += [(n, self.cardinalities[n], a.shape[1]) for n, a in self.user_bags.items()]
+        out += [(c, self.cardinalities[c], 1) for c in self.item_features.columns]
+        out += [(n, self.cardinalities[n], a.shape[1]) for n, a in self.item_bags.items()]
+        return out
+
     @property
     def schema(self) -> FeatureSchema:
         """Fields of a row built by :meth:`feature_rows`."""
-        names = [*self.user_features.columns, *self.item_features.columns, "user_id", "item_id"]
-        cards = [self.cardinalities[c] for c in self.user_features.columns]
-        cards += [self.cardinalities[c] for c in self.item_features.columns]
-        cards += [self.n_users, self.n_items]
-        return FeatureSchema(tuple(names), tuple(cards))
+        fields = [*self._fields(), ("user_id", self.n_users, 1), ("item_id", self.n_items, 1)]
+        names, cards, widths = zip(*fields)
+        return FeatureSchema(tuple(names), tuple(cards), tuple(widths))
 
     def feature_rows(self, users: np.ndarray, items: np.ndarray) -> torch.Tensor:
         """Categorical feature rows for (user, item) pairs.
@@ -109,11 +144,14 @@ class Interactions:
             items: int array ``[N]`` of item codes.
 
         Returns:
-            LongTensor ``[N, F]`` laid out as :attr:`schema` describes.
+            LongTensor ``[N, C]`` laid out as :attr:`schema` describes (bags padded with -1).
         """
-        u = self.user_features.to_numpy(dtype=np.int64)[users]
-        i = self.item_features.to_numpy(dtype=np.int64)[items]
-        rows = np.concatenate([u, i, users[:, None], items[:, None]], axis=1)
+        parts = [self.user_features.to_numpy(dtype=np.int64)[users]]
+        parts += [a[users] for a in self.user_bags.values()]
+        parts += [self.item_features.to_numpy(dtype=np.int64)[items]]
+        parts += [a[items] for a in self.item_bags.values()]
+        parts += [users[:, None], items[:, None]]
+        rows = np.concatenate(parts, axis=1)
         return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
 
     def checksum(self) -> str:
@@ -124,6 +162,10 @@ class Interactions:
         for frame in (self.user_features, self.item_features):
             h.update(",".join(map(str, frame.columns)).encode())
             h.update(np.ascontiguousarray(frame.to_numpy(dtype=np.int64)).tobytes())
+        for bags in (self.user_bags, self.item_bags):
+            for name, arr in bags.items():
+                h.update(name.encode())
+                h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
         return h.hexdigest()[:16]
 
     def summary(self) -> dict[str, object]:
@@ -135,7 +177,7 @@ class Interactions:
             "interactions": len(self.ratings),
             "rating_min": self.rating_scale[0],
             "rating_max": self.rating_scale[1],
-            "user_features": list(self.user_features.columns),
-            "item_features": list(self.item_features.columns),
+            "user_features": [*self.user_features.columns, *self.user_bags],
+            "item_features": [*self.item_features.columns, *self.item_bags],
             "checksum": self.checksum(),
         }
