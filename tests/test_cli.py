@@ -131,7 +131,8 @@ def test_ui_serves_the_store_train_writes_to(tmp_path):
         port = s.getsockname()[1]
     proc = subprocess.Popen([*METAREC, "ui", "--port", str(port)], cwd=tmp_path,
                             env={**os.environ, "METAREC_OUTPUT_DIR": str(out)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
         first = proc.stdout.readline() + proc.stdout.readline()
         exp_id = _client(out).get_experiment_by_name("train/toy").experiment_id
@@ -146,6 +147,13 @@ def test_ui_serves_the_store_train_writes_to(tmp_path):
             except OSError:
                 time.sleep(0.5)
         assert body is not None and exp_id in body
-    finally:
-        proc.terminate()
+    finally:  # the UI and its server workers form one process group: stop them all
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+        time.sleep(1)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
