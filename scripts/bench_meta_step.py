@@ -90,12 +90,14 @@ def make_tasks(n_tasks: int, seed: int) -> TaskSet:
     )
 
 
-def make_algo(v: Variant, seed: int) -> MAML:
+def make_algo(v: Variant, seed: int, chunks: int | None = None) -> MAML:
+    """MAML on a fresh MeLU-sized model; ``chunks=None`` keeps MAML's default."""
     torch.manual_seed(seed)
     model = PreferenceEstimator(SCHEMA, embedding_dim=32, hidden=(64, 64),
                                 fields=list(SCHEMA.names), rating_mean=3.0)
+    extra = {} if chunks is None else {"chunks": chunks}
     return MAML(model, functools.partial(torch.optim.SGD, lr=0.01), adapt=v.adapt,
-                inner_lr=INNER_LR, inner_steps=v.steps, first_order=v.first_order)
+                inner_lr=INNER_LR, inner_steps=v.steps, first_order=v.first_order, **extra)
 
 
 def batched_step(algo: MAML, batch: TaskBatch) -> torch.Tensor:
@@ -136,10 +138,14 @@ def time_tasks_per_s(step: Callable[[MAML, TaskBatch], torch.Tensor], algo: MAML
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 7; 3 with --quick)")
-    parser.add_argument("--threads", type=int, default=1, choices=(1, 2), help="torch intra-op threads")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="timed rounds (default 7; 3 with --quick)")
+    parser.add_argument("--threads", type=int, default=1, choices=(1, 2),
+                        help="torch intra-op threads")
     parser.add_argument("--batches", type=int, default=None,
                         help="meta-batches per timed measurement (default 4; 2 with --quick)")
+    parser.add_argument("--chunks", type=int, default=None,
+                        help="MAML's support-size groups per meta-batch (default: MAML's own)")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and meta-batches")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -156,7 +162,9 @@ def main() -> None:
           f"{n_batches} meta-batches x {META_BATCH} tasks, support {SUPPORT[0]}-{SUPPORT[1]} "
           f"(padding {1 - real / pad:.0%} of support rows), query {QUERY}")
 
-    algos = {v.key: make_algo(v, args.seed) for v in VARIANTS}
+    algos = {v.key: make_algo(v, args.seed, args.chunks) for v in VARIANTS}
+    chunks = getattr(algos[VARIANTS[0].key], "chunks", 1)
+    print(f"batched side: MAML.meta_loss with chunks={chunks}; loop side: per_task_meta_loss")
     for v in VARIANTS:
         check_equal_work(algos[v.key], batches[0])
         for step in (batched_step, loop_step):  # warm-up
@@ -172,7 +180,7 @@ def main() -> None:
                 rate = time_tasks_per_s(step, algos[v.key], batches)
                 samples.setdefault((v.key, side), []).append(rate)
 
-    fields = [f"threads={args.threads}", f"rounds={rounds}"]
+    fields = [f"threads={args.threads}", f"rounds={rounds}", f"chunks={chunks}"]
     print(f"\n{'variant':<24}{'batched tasks/s':>17}{'loop tasks/s':>14}{'speedup':>9}")
     for v in VARIANTS:
         fast = statistics.median(samples[(v.key, "batched")])

@@ -7,13 +7,21 @@ runner owns epochs, devices, seeding and tracking.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from metarec_runner.algos.functional import Params, batched_forward, expand_params, inner_loop
+from metarec_runner.algos.functional import (
+    Params,
+    batched_forward,
+    expand_params,
+    fixed_input_inner_loop,
+    fixed_input_pays_off,
+    has_fixed_input_path,
+    inner_loop,
+)
 from metarec_runner.errors import ConfigError, require_choice
 from metarec_runner.tasks.taskset import TaskBatch
 
@@ -35,6 +43,74 @@ class AdaptedScorer:
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
         return self.algo.predict(self.params, x)
+
+
+def _min_padding_cuts(sizes: Tensor, groups: int) -> list[int]:
+    """Cut ascending ``sizes [B]`` into ``groups`` contiguous runs with the fewest padded rows.
+
+    A run costs ``len(run) * max(run)``; cuts fall only between distinct sizes. Dynamic
+    programming over the ``m`` distinct sizes (``O(groups m^2)``, vectorised).
+
+    Returns:
+        End positions of the runs (the last is ``B``); fewer runs if ``sizes`` has fewer than
+        ``groups`` distinct values.
+    """
+    values, counts = torch.unique_consecutive(sizes, return_counts=True)
+    m = values.shape[0]
+    groups = max(1, min(groups, m))
+    pos = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).double()  # boundaries [m + 1]
+    # span[i, j]: cost of one run from boundary i to boundary j + 1 (inf unless i <= j)
+    span = (pos[None, 1:] - pos[:-1, None]) * values.double()[None, :]
+    span = span.masked_fill(torch.ones(m, m, dtype=torch.bool).tril(-1), float("inf"))
+    cost = torch.full((m + 1,), float("inf"), dtype=torch.float64)
+    cost[0] = 0.0  # cost[j]: fewest padded rows for the sizes before boundary j
+    back = []
+    for _ in range(groups):
+        best, arg = (cost[:-1, None] + span).min(0)
+        cost = torch.cat([cost.new_full((1,), float("inf")), best])
+        back.append(arg)
+    cuts, j = [], m
+    for arg in reversed(back):
+        cuts.append(int(pos[j]))
+        j = int(arg[j - 1])
+    return cuts[::-1]
+
+
+def split_by_support_size(batch: TaskBatch, chunks: int) -> list[TaskBatch]:
+    """Split a meta-batch into groups of tasks with similar support sizes.
+
+    Tasks are sorted by support size and cut into ``min(chunks, distinct sizes)`` runs that
+    minimise the padded support rows; each group is padded only to its own longest support
+    and query set, so batched work on the groups wastes less on padding than on the whole
+    batch. Per-task results are unchanged.
+
+    Args:
+        batch: ``B`` padded tasks.
+        chunks: the largest number of groups; 1 returns ``[batch]``.
+
+    Returns:
+        Sub-batches (shorter ``S`` and ``Q``) whose tasks together are ``batch``'s, in
+        ascending support size.
+    """
+    if chunks <= 1 or batch.size <= 1:
+        return [batch]
+    support_n = batch.support_mask.sum(1)
+    order = torch.argsort(support_n, stable=True)
+    cuts = _min_padding_cuts(support_n[order], chunks)
+    if len(cuts) == 1:
+        return [batch]
+    query_n = batch.query_mask.sum(1)
+    out, start = [], 0
+    for end in cuts:
+        idx = order[start:end]
+        s, q = int(support_n[idx].max()), int(query_n[idx].max())
+        out.append(TaskBatch(
+            batch.support_x[idx, :s], batch.support_y[idx, :s], batch.support_mask[idx, :s],
+            batch.query_x[idx, :q], batch.query_y[idx, :q], batch.query_mask[idx, :q],
+            batch.task_index[idx],
+        ))
+        start = end
+    return out
 
 
 class MetaAlgorithm:
@@ -73,18 +149,70 @@ class MetaAlgorithm:
         """Inputs of :attr:`adapted_module` for feature rows ``x [B, L, F]``."""
         return self.model.body(x) if self.scope == "head" else x
 
+    def uses_fixed_input_path(
+        self, lr: float | Mapping[str, Tensor], support_len: int, steps: int
+    ) -> bool:
+        """Whether the inner loop takes the exact fixed-input fast path: the adapted module
+        supports :func:`~metarec_runner.algos.functional.fixed_input_inner_loop`, the step
+        size is a scalar, and the path is cheaper for support sets of ``support_len`` rows."""
+        module = self.adapted_module
+        return (
+            not isinstance(lr, Mapping)
+            and has_fixed_input_path(module)
+            and fixed_input_pays_off(module, support_len, steps)
+        )
+
     def adapt_fast(
         self, batch: TaskBatch, lr: float, steps: int, create_graph: bool, detach: bool
     ) -> tuple[Params, list[Tensor]]:
-        """Fast weights for every task of ``batch`` after ``steps`` support SGD steps."""
-        params = expand_params(self.adapted_module, batch.size, detach=detach)
+        """Fast weights for every task of ``batch`` after ``steps`` support SGD steps.
+
+        Returns:
+            ``({name: [B, *shape]}, [per-task support loss [B] before each step])``.
+        """
         inputs = self.inputs(batch.support_x)
+        if self.uses_fixed_input_path(lr, batch.support_x.shape[1], steps):
+            fast, losses = fixed_input_inner_loop(
+                self.adapted_module, inputs, batch.support_y, batch.support_mask, lr, steps,
+                create_graph, detach,
+            )
+            return fast.materialize(), losses
+        params = expand_params(self.adapted_module, batch.size, detach=detach)
         if detach:
             inputs = inputs.detach() if inputs.is_floating_point() else inputs
         return inner_loop(
             self.adapted_module, params, inputs, batch.support_y, batch.support_mask,
             lr, steps, create_graph,
         )
+
+    def adapt_and_score(
+        self, batch: TaskBatch, lr: float, steps: int, create_graph: bool
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Query scores after ``steps`` support SGD steps, differentiable w.r.t. the model.
+
+        The same numbers as :meth:`adapt_fast` (``detach=False``) then :meth:`predict` on
+        ``batch.query_x``, faster: one body pass over support and query rows together, and no
+        per-task first-layer weights where the fixed-input path applies.
+
+        Returns:
+            ``(scores [B, Q], [per-task support loss [B] before each step])``.
+        """
+        rows = torch.cat([batch.support_x, batch.query_x], 1)
+        support, query = self.inputs(rows).split(
+            [batch.support_x.shape[1], batch.query_x.shape[1]], dim=1
+        )
+        if self.uses_fixed_input_path(lr, batch.support_x.shape[1], steps):
+            fast, losses = fixed_input_inner_loop(
+                self.adapted_module, support, batch.support_y, batch.support_mask, lr, steps,
+                create_graph,
+            )
+            return fast.forward(query), losses
+        params = expand_params(self.adapted_module, batch.size)
+        params, losses = inner_loop(
+            self.adapted_module, params, support, batch.support_y, batch.support_mask, lr,
+            steps, create_graph,
+        )
+        return batched_forward(self.adapted_module, params, query), losses
 
     def predict(self, params: Params | None, x: Tensor) -> Tensor:
         """Scores ``[B, L]`` for rows ``x [B, L, F]`` with per-task ``params`` (None = base)."""

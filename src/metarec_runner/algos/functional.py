@@ -7,26 +7,35 @@ Python loop over tasks). Inner-loop gradients come from ordinary ``torch.autogra
 the gradient's slice ``b`` is exactly that task's own gradient. With ``create_graph=True`` the
 updates stay differentiable (second-order MAML); gradients flow back to ``module.parameters()``.
 No weights are ever copied into a module (``load_state_dict`` would cut the graph).
+
+A module whose first layer is a ``Linear`` on its (non-adapted) input gets a faster, exact path,
+:func:`fixed_input_inner_loop`: the first layer's per-task weights are never formed during the
+inner loop; its outputs are updated through the Gram matrix of the support inputs instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 Params = dict[str, Tensor]
 
 
-def expand_params(module: nn.Module, batch_size: int, detach: bool = False) -> Params:
+def expand_params(
+    module: nn.Module, batch_size: int, detach: bool = False, skip: Collection[str] = ()
+) -> Params:
     """Per-task copies (views) of ``module``'s parameters.
 
     Args:
         module: the module whose parameters adapt.
         batch_size: number of tasks ``B``.
         detach: cut the link to the module (test-time adaptation, Reptile's inner loop).
+        skip: parameter names to leave out.
 
     Returns:
         ``{name: [B, *shape]}``; without ``detach`` these are ``expand`` views, so gradients of
@@ -34,6 +43,8 @@ def expand_params(module: nn.Module, batch_size: int, detach: bool = False) -> P
     """
     out: Params = {}
     for name, p in module.named_parameters():
+        if name in skip:
+            continue
         base = p.detach() if detach else p
         fast = base.unsqueeze(0).expand(batch_size, *p.shape)
         if detach:
@@ -80,6 +91,23 @@ def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     return ((pred - target) ** 2 * m).sum(-1) / m.sum(-1).clamp_min(1.0)
 
 
+def row_weights(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """``[B, L]`` weights ``1 / n_b`` on task ``b``'s ``n_b`` real rows, 0 on padding.
+
+    ``((pred - target) ** 2 * row_weights(mask)).sum(-1)`` is :func:`masked_mse` with the
+    normalisation hoisted out of an inner loop.
+    """
+    m = mask.to(dtype)
+    return m / m.sum(-1, keepdim=True).clamp_min(1.0)
+
+
+def _sgd(param: Tensor, grad: Tensor, lr: float | Tensor) -> Tensor:
+    """``param - lr * grad`` (one fused op for a scalar ``lr``)."""
+    if isinstance(lr, Tensor):
+        return param - lr * grad
+    return torch.add(param, grad, alpha=-lr)
+
+
 def inner_loop(
     module: nn.Module,
     params: Params,
@@ -107,14 +135,172 @@ def inner_loop(
     """
     losses: list[Tensor] = []
     names = list(params)
+    weights = row_weights(mask, target.dtype)
     for _ in range(steps):
-        loss = masked_mse(batched_forward(module, params, inputs), target, mask)
+        pred = batched_forward(module, params, inputs)
+        loss = ((pred - target).square() * weights).sum(-1)
         grads = torch.autograd.grad(
             loss.sum(), [params[n] for n in names], create_graph=create_graph
         )
         losses.append(loss.detach())
-        if isinstance(lr, Mapping):
-            params = {n: params[n] - lr[n] * g for n, g in zip(names, grads)}
-        else:
-            params = {n: params[n] - lr * g for n, g in zip(names, grads)}
+        step_lr = lr if isinstance(lr, Mapping) else dict.fromkeys(names, lr)
+        params = {n: _sgd(params[n], g, step_lr[n]) for n, g in zip(names, grads)}
     return params, losses
+
+
+# -- exact fast path: a first Linear layer on inputs that do not adapt -------------------------
+
+
+def has_fixed_input_path(module: nn.Module) -> bool:
+    """Whether ``module`` offers :func:`fixed_input_inner_loop`'s protocol.
+
+    The module must name its first layer, an ``nn.Linear`` applied to the module's input, as
+    ``first_linear_name`` and run everything after it with per-task weights in
+    ``forward_rest(params, z [B, L, H]) -> [B, L]`` (``params`` as in :func:`batched_forward`).
+    """
+    name = getattr(module, "first_linear_name", None)
+    return (
+        isinstance(name, str)
+        and callable(getattr(module, "forward_rest", None))
+        and isinstance(module.get_submodule(name), nn.Linear)
+    )
+
+
+def fixed_input_pays_off(module: nn.Module, support_len: int, steps: int) -> bool:
+    """Whether :func:`fixed_input_inner_loop` takes fewer multiply-adds than :func:`inner_loop`.
+
+    Per task, with ``S = support_len`` and a first layer ``D -> H``: explicit per-task weights
+    cost ``2 K S D H`` (forward and weight gradient each step); the kernel form costs
+    ``S D H + S^2 D + (K - 1) S^2 H`` (step-0 outputs, the Gram matrix, its updates; no Gram
+    matrix for ``K = 1``). The kernel form wins unless support sets are long (``S`` of the
+    order of ``D``), where it would also hold a ``[B, S, S]`` matrix.
+    """
+    layer = module.get_submodule(module.first_linear_name)
+    d, h, s = layer.in_features, layer.out_features, support_len
+    kernel = s * d * h + (s * s * d + (steps - 1) * s * s * h if steps > 1 else 0)
+    return kernel <= 2 * steps * s * d * h
+
+
+def _support_kernel(x: Tensor, support: Tensor, bias: bool) -> Tensor:
+    """``x support^T (+ 1 if bias)``: ``x [B, L, D]``, ``support [B, S, D]`` -> ``[B, L, S]``."""
+    if bias:
+        return torch.baddbmm(x.new_ones(1, 1, 1), x, support.transpose(1, 2))
+    return torch.bmm(x, support.transpose(1, 2))
+
+
+@dataclass
+class FixedInputFastWeights:
+    """Per-task fast weights whose first Linear layer is kept in kernel form.
+
+    After SGD steps with a scalar step size ``lr`` on a first layer ``z = x W^T + c`` whose input
+    does not adapt, task ``b``'s weight is ``W - lr * coef[b]^T support[b]`` and its bias
+    ``c - lr * coef[b].sum(0)``, where ``coef[b]`` is the sum over steps of the support loss's
+    gradients w.r.t. ``z`` (zero on padded rows). So on any inputs ``x[b]`` the adapted layer gives
+    ``x[b] W^T + c - lr * (x[b] support[b]^T + 1) coef[b]``, with no per-task ``[H, D]`` matrix.
+
+    Attributes:
+        module: the adapted module (see :func:`has_fixed_input_path`).
+        weight: ``[H, D]`` the first layer's initial (shared) weight; bias ``[H]`` or None.
+        support: ``[B, S, D]`` the support inputs the updates were computed on.
+        coef: ``[B, S, H]`` summed first-layer output gradients (zeros before any step).
+        lr: the inner step size.
+        rest: ``{name: [B, *shape]}`` fast weights of every other parameter.
+    """
+
+    module: nn.Module
+    weight: Tensor
+    bias: Tensor | None
+    support: Tensor
+    coef: Tensor
+    lr: float
+    rest: Params
+
+    def first_layer(self, x: Tensor) -> Tensor:
+        """Adapted first-layer outputs ``[B, L, H]`` for inputs ``x [B, L, D]``."""
+        z = F.linear(x, self.weight, self.bias)  # shared initial weights: one flat GEMM
+        kernel = _support_kernel(x, self.support, self.bias is not None)
+        return torch.baddbmm(z, kernel, self.coef, alpha=-self.lr)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Scores ``[B, L]`` for inputs ``x [B, L, D]`` with every task's adapted weights."""
+        return self.module.forward_rest(self.rest, self.first_layer(x))
+
+    def materialize(self) -> Params:
+        """All fast weights as explicit ``{name: [B, *shape]}`` tensors (see
+        :func:`batched_forward`); costs one ``[B, H, S] x [B, S, D]`` bmm."""
+        name = self.module.first_linear_name
+        batch, (hidden, width) = self.coef.shape[0], self.weight.shape
+        weight = torch.baddbmm(
+            self.weight.expand(batch, hidden, width), self.coef.transpose(1, 2), self.support,
+            alpha=-self.lr,
+        )
+        out = {f"{name}.weight": weight}
+        if self.bias is not None:
+            out[f"{name}.bias"] = self.bias - self.lr * self.coef.sum(1)
+        out.update(self.rest)
+        return {n: out[n] for n, _ in self.module.named_parameters()}
+
+
+def fixed_input_inner_loop(
+    module: nn.Module,
+    inputs: Tensor,
+    target: Tensor,
+    mask: Tensor,
+    lr: float,
+    steps: int,
+    create_graph: bool,
+    detach: bool = False,
+) -> tuple[FixedInputFastWeights, list[Tensor]]:
+    """:func:`inner_loop` from the module's own weights, exact, for modules whose first layer is
+    a Linear on the (non-adapted) inputs and a scalar step size.
+
+    The first layer's support outputs ``z [B, S, H]`` start as one flat GEMM with the shared
+    weights and move by ``z <- z - lr * K delta`` per step, with ``delta = dloss/dz`` and the
+    per-task kernel ``K = support support^T + 1`` ``[B, S, S]`` (computed once): the same
+    numbers as updating ``W`` and ``c`` and recomputing ``z``, in ``S^2 H`` instead of
+    ``2 S D H`` multiply-adds per step, and no per-task ``[H, D]`` weights.
+
+    Args:
+        module: see :func:`has_fixed_input_path`.
+        inputs: ``[B, S, D]`` support inputs; target ``[B, S]``; mask ``[B, S]``.
+        lr: scalar step size.
+        steps: number of inner steps ``K``.
+        create_graph: second order (see :func:`inner_loop`); in first order the first layer's
+            updates ``coef^T support`` are constants, so ``support`` is detached.
+        detach: start from detached copies (see :func:`expand_params`).
+
+    Returns:
+        ``(fast weights, [per-task support loss [B] before each step])``.
+    """
+    layer = module.get_submodule(module.first_linear_name)
+    names = {f"{module.first_linear_name}.{n}" for n, _ in layer.named_parameters()}
+    weight, bias = layer.weight, layer.bias
+    if detach:
+        weight = weight.detach()
+        bias = bias.detach() if bias is not None else None
+        inputs = inputs.detach()
+    rest = expand_params(module, inputs.shape[0], detach=detach, skip=names)
+    rest_names = list(rest)
+    support = inputs if create_graph else inputs.detach()
+    z = F.linear(inputs, weight, bias)  # [B, S, H]: all tasks share step 0's weights
+    if not z.requires_grad:  # detached start: z is the leaf the inner gradients are taken at
+        z.requires_grad_(True)
+    kernel = _support_kernel(support, support, bias is not None) if steps > 1 else None
+    weights = row_weights(mask, target.dtype)
+    coef: Tensor | None = None
+    losses: list[Tensor] = []
+    for step in range(steps):
+        pred = module.forward_rest(rest, z)
+        loss = ((pred - target).square() * weights).sum(-1)
+        delta, *grads = torch.autograd.grad(
+            loss.sum(), [z, *(rest[n] for n in rest_names)], create_graph=create_graph
+        )
+        losses.append(loss.detach())
+        rest = {n: _sgd(rest[n], g, lr) for n, g in zip(rest_names, grads)}
+        coef = delta if coef is None else coef + delta
+        if step + 1 < steps:
+            z = torch.baddbmm(z, kernel, delta, alpha=-lr)
+    if coef is None:  # no steps
+        coef = torch.zeros_like(z)
+    fast = FixedInputFastWeights(module, weight, bias, support, coef, float(lr), rest)
+    return fast, losses

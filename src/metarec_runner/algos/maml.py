@@ -11,8 +11,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from metarec_runner.algos.base import AdaptedScorer, MetaAlgorithm
-from metarec_runner.algos.functional import batched_forward, masked_mse
+from metarec_runner.algos.base import AdaptedScorer, MetaAlgorithm, split_by_support_size
+from metarec_runner.algos.functional import masked_mse
 from metarec_runner.errors import require_positive
 from metarec_runner.tasks.taskset import TaskBatch
 
@@ -30,6 +30,11 @@ class MAML(MetaAlgorithm):
         inner_steps: inner steps during meta-training.
         eval_inner_steps: inner steps at validation/test time (None = ``inner_steps``).
         first_order: drop second-order terms (FOMAML).
+        chunks: meta-training splits each meta-batch into at most this many groups of tasks
+            with similar support sizes, each padded to its own longest support set (see
+            :func:`~metarec_runner.algos.base.split_by_support_size`); the meta-loss and its
+            gradient are unchanged, less work goes into padding. Each group costs a fixed
+            overhead; 2 was fastest for 32 tasks with 20-90 support rows (1 = no split).
     """
 
     def __init__(
@@ -41,24 +46,36 @@ class MAML(MetaAlgorithm):
         inner_steps: int = 1,
         eval_inner_steps: int | None = None,
         first_order: bool = False,
+        chunks: int = 2,
     ) -> None:
         super().__init__(model, meta_optimizer, adapt)
         require_positive("inner_lr", inner_lr)
         require_positive("inner_steps", inner_steps)
+        require_positive("chunks", chunks)
         if eval_inner_steps is not None:
             require_positive("eval_inner_steps", eval_inner_steps)
         self.inner_lr = float(inner_lr)
         self.inner_steps = int(inner_steps)
         self.eval_inner_steps = int(eval_inner_steps or inner_steps)
         self.first_order = bool(first_order)
+        self.chunks = int(chunks)
 
     def meta_loss(self, batch: TaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mean query loss after adaptation, mean support loss before it)``; differentiable."""
-        fast, inner_losses = self.adapt_fast(
-            batch, self.inner_lr, self.inner_steps, create_graph=not self.first_order, detach=False
-        )
-        pred = batched_forward(self.adapted_module, fast, self.inputs(batch.query_x))
-        return masked_mse(pred, batch.query_y, batch.query_mask).mean(), inner_losses[0].mean()
+        """``(mean query loss after adaptation, mean support loss before it)``; differentiable.
+
+        Both are means over the ``B`` tasks: per-task losses are summed over the groups of
+        :func:`~metarec_runner.algos.base.split_by_support_size` and divided by ``B``.
+        """
+        query_loss = support_loss = None
+        for part in split_by_support_size(batch, self.chunks):
+            pred, inner_losses = self.adapt_and_score(
+                part, self.inner_lr, self.inner_steps, create_graph=not self.first_order
+            )
+            q = masked_mse(pred, part.query_y, part.query_mask).sum()
+            s = inner_losses[0].sum()
+            query_loss = q if query_loss is None else query_loss + q
+            support_loss = s if support_loss is None else support_loss + s
+        return query_loss / batch.size, support_loss / batch.size
 
     def meta_step(self, batch: TaskBatch) -> dict[str, float]:
         loss, inner = self.meta_loss(batch)

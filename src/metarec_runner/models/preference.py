@@ -21,7 +21,15 @@ from metarec_runner.errors import ConfigError, require_positive
 
 
 class MLPHead(nn.Module):
-    """``Linear -> ReLU -> ... -> Linear(1)``; maps ``[..., D]`` to scores ``[...]``."""
+    """``Linear -> ReLU -> ... -> Linear(1)``; maps ``[..., D]`` to scores ``[...]``.
+
+    Per-task weights run through :meth:`forward_batched`; :attr:`first_linear_name` and
+    :meth:`forward_rest` let the batched core keep the first layer in kernel form while only
+    the head adapts (``algos.functional.fixed_input_inner_loop``).
+    """
+
+    #: the first Linear layer, applied to the head's input
+    first_linear_name = "net.0"
 
     def __init__(self, in_dim: int, hidden: Sequence[int], output_bias: float = 0.0) -> None:
         super().__init__()
@@ -39,18 +47,16 @@ class MLPHead(nn.Module):
         """``h [..., D]`` -> scores ``[...]``."""
         return self.net(h).squeeze(-1)
 
-    #: name of the first Linear layer; the batched core's fixed-input path keys on it (see
-    #: ``algos.functional.fixed_input_inner_loop``)
-    first_linear_name = "net.0"
-
     def forward_batched(self, params: dict[str, Tensor], h: Tensor, prefix: str = "") -> Tensor:
         """Per-task weights, hand-batched: ``params[name] [B, *shape]``, ``h [B, L, D]`` -> ``[B, L]``.
 
         Equal to running :meth:`forward` once per task with that task's weights; ``baddbmm``
         does all tasks in one call (faster than ``vmap`` on CPU, see ARCHITECTURE.md section 4).
         """
-        w, b = params[f"{prefix}net.0.weight"], params[f"{prefix}net.0.bias"]
-        return self.forward_rest(params, torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2)), prefix)
+        first = f"{prefix}{self.first_linear_name}"
+        w, b = params[f"{first}.weight"], params[f"{first}.bias"]
+        z = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+        return self.forward_rest(params, z, prefix)
 
     def forward_rest(self, params: dict[str, Tensor], z: Tensor, prefix: str = "") -> Tensor:
         """The layers after the first Linear, with per-task weights.
