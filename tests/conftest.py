@@ -26,8 +26,10 @@ def random_taskset(schema: FeatureSchema, n_tasks: int, support: tuple[int, int]
     s_sizes = torch.randint(support[0], support[1] + 1, (n_tasks,), generator=g)
     q_sizes = torch.randint(query[0], query[1] + 1, (n_tasks,), generator=g)
 
-    def rows(n: int) -> torch.Tensor:
-        return torch.stack([torch.randint(0, c, (n,), generator=g) for c in schema.cardinalities], 1)
+    def rows(n: int) -> torch.Tensor:  # one column per token slot (a bag field spans several)
+        cols = [torch.randint(0, c, (n,), generator=g)
+                for c, w in zip(schema.cardinalities, schema.widths) for _ in range(w)]
+        return torch.stack(cols, 1)
 
     def offsets(sizes: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(n_tasks + 1, dtype=torch.long)

@@ -21,6 +21,7 @@ from metarec_runner.algos.functional import (
 from metarec_runner.algos.maml import MAML
 from metarec_runner.algos.reference import per_task_meta_loss
 from metarec_runner.algos.reptile import Reptile
+from metarec_runner.data.interactions import FeatureSchema
 from metarec_runner.models.preference import PreferenceEstimator
 from tests.conftest import SMALL_SCHEMA, random_taskset
 
@@ -268,4 +269,42 @@ def test_fixed_input_path_is_skipped_for_long_support_sets():
     reference = per_task_meta_loss(algo, batch, 0.3, 3, False)
     assert abs(loss - reference) < TOL
     for b, r in zip(torch.autograd.grad(loss, params), torch.autograd.grad(reference, params)):
+        assert (b - r).abs().max() < TOL
+
+
+BAG_SCHEMA = FeatureSchema(("a", "genres", "user_id", "item_id"), (3, 6, 20, 30), (1, 3, 1, 1))
+
+
+def _bag_batch(n_tasks: int = 5):
+    tasks = random_taskset(BAG_SCHEMA, n_tasks, support=(2, 7), query=(1, 4), seed=4)
+    # pad some bag slots with -1 (a bag of 1-3 genres)
+    g = torch.Generator().manual_seed(0)
+    for x in (tasks.support_x, tasks.query_x):
+        drop = torch.rand(x.shape[0], 2, generator=g) < 0.5
+        x[:, 2:4][drop] = -1
+    return tasks.batch(torch.arange(n_tasks)).to("cpu", torch.float64)
+
+
+def test_bag_fields_are_sums_of_token_embeddings():
+    torch.manual_seed(0)
+    model = PreferenceEstimator(BAG_SCHEMA, embedding_dim=4, hidden=(5,)).double()
+    x = torch.tensor([[2, 1, 4, -1, 7, 9], [0, -1, -1, 5, 3, 1]])
+    h = model.body(x)
+    table = model.embedding.weight
+    expect0 = torch.cat([table[2], table[3 + 1] + table[3 + 4], table[3 + 6 + 9]])  # no user_id
+    expect1 = torch.cat([table[0], table[3 + 5], table[3 + 6 + 1]])
+    assert torch.allclose(h, torch.stack([expect0, expect1]))
+
+
+@pytest.mark.parametrize("scope", ["head", "all"])
+def test_batched_meta_gradient_with_bag_fields(scope):
+    torch.manual_seed(0)
+    model = PreferenceEstimator(BAG_SCHEMA, embedding_dim=4, hidden=(6,), rating_mean=3.0).double()
+    algo = MAML(model, functools.partial(torch.optim.SGD, lr=0.1), adapt=scope, inner_lr=0.3,
+                inner_steps=2)
+    batch = _bag_batch()
+    params = list(model.parameters())
+    batched = torch.autograd.grad(algo.meta_loss(batch)[0], params)
+    reference = torch.autograd.grad(per_task_meta_loss(algo, batch, 0.3, 2, False), params)
+    for b, r in zip(batched, reference):
         assert (b - r).abs().max() < TOL

@@ -118,20 +118,46 @@ class PreferenceEstimator(nn.Module):
             )
         idx = [schema.index(f) for f in fields]
         cards = torch.tensor([schema.cardinalities[i] for i in idx])
-        offsets = torch.zeros(len(idx), dtype=torch.long)
-        offsets[1:] = torch.cumsum(cards, 0)[:-1]
+        field_offsets = torch.zeros(len(idx), dtype=torch.long)
+        field_offsets[1:] = torch.cumsum(cards, 0)[:-1]
+        # one table for all fields; a bag field spans several row columns (padded with -1)
+        columns, column_field = [], []
+        for j, f in enumerate(fields):
+            cols = list(schema.columns(f))
+            columns += cols
+            column_field += [j] * len(cols)
         self.fields = tuple(fields)
-        self.register_buffer("field_index", torch.tensor(idx, dtype=torch.long), persistent=False)
-        self.register_buffer("field_offset", offsets, persistent=False)
+        self.has_bags = len(columns) > len(fields)
+        self.register_buffer("field_index", torch.tensor(columns, dtype=torch.long), persistent=False)
+        self.register_buffer("field_offset", field_offsets[column_field], persistent=False)
+        bag_sum = torch.zeros(len(fields), len(columns))
+        bag_sum[column_field, torch.arange(len(columns))] = 1.0
+        self.register_buffer("bag_sum", bag_sum, persistent=False)
         self.embedding = nn.Embedding(int(cards.sum()), embedding_dim)
         nn.init.normal_(self.embedding.weight, std=0.1)
         self.head = MLPHead(len(idx) * embedding_dim, list(hidden), output_bias=rating_mean)
 
+    def _codes(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Table rows ``[..., C]`` for the selected columns, and the bag padding mask (or None)."""
+        raw = x.index_select(-1, self.field_index)
+        if not self.has_bags:
+            return raw + self.field_offset, None
+        present = raw >= 0
+        return raw.clamp_min(0) + self.field_offset, present
+
+    def _pool(self, emb: Tensor, present: Tensor | None) -> Tensor:
+        """Column embeddings ``[..., C, d]`` -> one vector per field (bags summed), flattened
+        to ``[..., F*d]``."""
+        if present is None:
+            return emb.flatten(-2)
+        emb = emb * present.unsqueeze(-1).to(emb.dtype)
+        return torch.matmul(self.bag_sum.to(emb.dtype), emb).flatten(-2)
+
     def body(self, x: Tensor) -> Tensor:
-        """Feature rows ``x [..., F_all]`` (LongTensor) -> concatenated embeddings ``[..., F*d]``."""
-        codes = x.index_select(-1, self.field_index) + self.field_offset
-        emb = self.embedding(codes)
-        return emb.flatten(-2)
+        """Feature rows ``x [..., C_all]`` (LongTensor) -> concatenated field embeddings
+        ``[..., F*d]`` (a bag field is the sum of its token embeddings)."""
+        codes, present = self._codes(x)
+        return self._pool(self.embedding(codes), present)
 
     def forward(self, x: Tensor) -> Tensor:
         """Feature rows ``x [..., F_all]`` -> predicted ratings ``[...]``."""
@@ -140,8 +166,8 @@ class PreferenceEstimator(nn.Module):
     def forward_batched(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
         """Per-task weights for every parameter: ``params[name] [B, *shape]``, ``x [B, L, F_all]``
         -> ``[B, L]``. The embedding lookup gathers from each task's own table."""
-        codes = x.index_select(-1, self.field_index) + self.field_offset  # [B, L, F]
+        codes, present = self._codes(x)  # [B, L, C]
         table = params["embedding.weight"]  # [B, V, d]
         task = torch.arange(x.shape[0], device=x.device).view(-1, 1, 1)
-        h = table[task, codes].flatten(-2)  # [B, L, F*d]
+        h = self._pool(table[task, codes], present)  # [B, L, F*d]
         return self.head.forward_batched(params, h, prefix="head.")
