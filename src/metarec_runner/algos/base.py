@@ -22,7 +22,7 @@ from metarec_runner.algos.functional import (
     has_fixed_input_path,
     inner_loop,
 )
-from metarec_runner.errors import ConfigError, require_choice
+from metarec_runner.errors import ConfigError, require_choice, require_positive
 from metarec_runner.tasks.taskset import TaskBatch
 
 SCOPES = ("head", "all")
@@ -37,7 +37,7 @@ class AdaptedScorer:
     ``predict(x [B, L, F]) -> [B, L]``. ``params`` is None for models that do not adapt.
     """
 
-    algo: "MetaAlgorithm"
+    algo: MetaAlgorithm
     params: Params | None
 
     @torch.no_grad()
@@ -237,7 +237,46 @@ class MetaAlgorithm:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 
+    def sgd_adapt(self, batch: TaskBatch, lr: float, steps: int) -> AdaptedScorer:
+        """Test-time adaptation: ``steps`` SGD steps on each support set, starting from the
+        current weights, with no graph back to them (the model is left unchanged)."""
+        with torch.enable_grad():
+            fast, _ = self.adapt_fast(batch, lr, steps, create_graph=False, detach=True)
+        return AdaptedScorer(self, {n: p.detach() for n, p in fast.items()})
+
     def _outer_update(self, loss: Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+
+
+class SupportSGD(MetaAlgorithm):
+    """An algorithm that adapts by SGD on each task's support set (the MAML family, Reptile).
+
+    Args:
+        model, meta_optimizer, adapt: see :class:`MetaAlgorithm`.
+        inner_lr: inner SGD step size.
+        inner_steps: inner steps during meta-training.
+        eval_inner_steps: inner steps at validation/test time (None = ``inner_steps``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        meta_optimizer: Callable[..., torch.optim.Optimizer],
+        adapt: str,
+        inner_lr: float,
+        inner_steps: int,
+        eval_inner_steps: int | None,
+    ) -> None:
+        super().__init__(model, meta_optimizer, adapt)
+        require_positive("inner_lr", inner_lr)
+        require_positive("inner_steps", inner_steps)
+        if eval_inner_steps is not None:
+            require_positive("eval_inner_steps", eval_inner_steps)
+        self.inner_lr = float(inner_lr)
+        self.inner_steps = int(inner_steps)
+        self.eval_inner_steps = int(eval_inner_steps or inner_steps)
+
+    def adapt(self, batch: TaskBatch) -> AdaptedScorer:
+        return self.sgd_adapt(batch, self.inner_lr, self.eval_inner_steps)

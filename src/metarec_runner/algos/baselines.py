@@ -67,8 +67,4 @@ class Finetune(GlobalModel):
         self.finetune_steps = int(finetune_steps)
 
     def adapt(self, batch: TaskBatch) -> AdaptedScorer:
-        with torch.enable_grad():
-            fast, _ = self.adapt_fast(
-                batch, self.finetune_lr, self.finetune_steps, create_graph=False, detach=True
-            )
-        return AdaptedScorer(self, {n: p.detach() for n, p in fast.items()})
+        return self.sgd_adapt(batch, self.finetune_lr, self.finetune_steps)

@@ -11,13 +11,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from metarec_runner.algos.base import AdaptedScorer, MetaAlgorithm, split_by_support_size
+from metarec_runner.algos.base import SupportSGD, split_by_support_size
 from metarec_runner.algos.functional import masked_mse
 from metarec_runner.errors import require_positive
 from metarec_runner.tasks.taskset import TaskBatch
 
 
-class MAML(MetaAlgorithm):
+class MAML(SupportSGD):
     """MAML: meta-learn an initialization that adapts to a task in a few SGD steps.
 
     The meta-loss is the mean over tasks of each task's query MSE after ``inner_steps`` SGD
@@ -48,15 +48,8 @@ class MAML(MetaAlgorithm):
         first_order: bool = False,
         chunks: int = 2,
     ) -> None:
-        super().__init__(model, meta_optimizer, adapt)
-        require_positive("inner_lr", inner_lr)
-        require_positive("inner_steps", inner_steps)
+        super().__init__(model, meta_optimizer, adapt, inner_lr, inner_steps, eval_inner_steps)
         require_positive("chunks", chunks)
-        if eval_inner_steps is not None:
-            require_positive("eval_inner_steps", eval_inner_steps)
-        self.inner_lr = float(inner_lr)
-        self.inner_steps = int(inner_steps)
-        self.eval_inner_steps = int(eval_inner_steps or inner_steps)
         self.first_order = bool(first_order)
         self.chunks = int(chunks)
 
@@ -81,10 +74,3 @@ class MAML(MetaAlgorithm):
         loss, inner = self.meta_loss(batch)
         self._outer_update(loss)
         return {"loss": loss.item(), "inner_loss": inner.item()}
-
-    def adapt(self, batch: TaskBatch) -> AdaptedScorer:
-        with torch.enable_grad():
-            fast, _ = self.adapt_fast(
-                batch, self.inner_lr, self.eval_inner_steps, create_graph=False, detach=True
-            )
-        return AdaptedScorer(self, {n: p.detach() for n, p in fast.items()})

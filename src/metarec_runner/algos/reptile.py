@@ -16,13 +16,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from metarec_runner.algos.base import AdaptedScorer, MetaAlgorithm
+from metarec_runner.algos.base import SupportSGD
 from metarec_runner.algos.functional import batched_forward, masked_mse
-from metarec_runner.errors import require_positive
 from metarec_runner.tasks.taskset import TaskBatch
 
 
-class Reptile(MetaAlgorithm):
+class Reptile(SupportSGD):
     """Reptile. Args as :class:`~metarec_runner.algos.maml.MAML` (no ``first_order``: Reptile
     is first order by construction)."""
 
@@ -35,14 +34,7 @@ class Reptile(MetaAlgorithm):
         inner_steps: int = 5,
         eval_inner_steps: int | None = None,
     ) -> None:
-        super().__init__(model, meta_optimizer, adapt)
-        require_positive("inner_lr", inner_lr)
-        require_positive("inner_steps", inner_steps)
-        if eval_inner_steps is not None:
-            require_positive("eval_inner_steps", eval_inner_steps)
-        self.inner_lr = float(inner_lr)
-        self.inner_steps = int(inner_steps)
-        self.eval_inner_steps = int(eval_inner_steps or inner_steps)
+        super().__init__(model, meta_optimizer, adapt, inner_lr, inner_steps, eval_inner_steps)
 
     def meta_step(self, batch: TaskBatch) -> dict[str, float]:
         with torch.enable_grad():
@@ -60,10 +52,3 @@ class Reptile(MetaAlgorithm):
             p.grad = p.detach() - fast[name].mean(0)
         self.optimizer.step()
         return {"loss": loss.item(), "inner_loss": inner_losses[0].mean().item()}
-
-    def adapt(self, batch: TaskBatch) -> AdaptedScorer:
-        with torch.enable_grad():
-            fast, _ = self.adapt_fast(
-                batch, self.inner_lr, self.eval_inner_steps, create_graph=False, detach=True
-            )
-        return AdaptedScorer(self, {n: p.detach() for n, p in fast.items()})
