@@ -34,6 +34,7 @@ from metarec_runner.algos.maml import MAML
 from metarec_runner.algos.reference import per_task_meta_loss
 from metarec_runner.data.interactions import FeatureSchema
 from metarec_runner.models.preference import PreferenceEstimator
+from metarec_runner.tasks.synthetic import random_taskset
 from metarec_runner.tasks.taskset import TaskBatch, TaskSet
 
 # MeLU's MovieLens-1M fields (user: gender, age, occupation, zip; item: rate, genre, director,
@@ -69,25 +70,7 @@ VARIANTS = (
 
 def make_tasks(n_tasks: int, seed: int) -> TaskSet:
     """Random feature rows, ratings in [1, 5], support sizes uniform in SUPPORT, query QUERY."""
-    g = torch.Generator().manual_seed(seed)
-    s_sizes = torch.randint(SUPPORT[0], SUPPORT[1] + 1, (n_tasks,), generator=g)
-    q_sizes = torch.full((n_tasks,), QUERY)
-
-    def rows(n: int) -> torch.Tensor:
-        cols = [torch.randint(0, c, (n,), generator=g) for c in SCHEMA.cardinalities]
-        return torch.stack(cols, 1)
-
-    def offsets(sizes: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(n_tasks + 1, dtype=torch.long)
-        out[1:] = torch.cumsum(sizes, 0)
-        return out
-
-    ns, nq = int(s_sizes.sum()), int(q_sizes.sum())
-    return TaskSet(
-        torch.arange(n_tasks),
-        rows(ns), 1 + 4 * torch.rand(ns, generator=g), offsets(s_sizes),
-        rows(nq), 1 + 4 * torch.rand(nq, generator=g), offsets(q_sizes),
-    )
+    return random_taskset(SCHEMA, n_tasks, support=SUPPORT, query=(QUERY, QUERY), seed=seed)
 
 
 def make_algo(v: Variant, seed: int, chunks: int | None = None) -> MAML:
