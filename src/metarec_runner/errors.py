@@ -20,7 +20,7 @@ class ConfigError(MetarecError):
         self.message = message
         super().__init__(f"{key}: {message}")
 
-    def under(self, group: str) -> "ConfigError":
+    def under(self, group: str) -> ConfigError:
         """The same error with ``group.`` prefixed to the key (``inner_lr`` -> ``algo.inner_lr``)."""
         if self.key.startswith(f"{group}."):
             return self

@@ -39,7 +39,7 @@ class TaskBatch:
     def size(self) -> int:
         return int(self.task_index.shape[0])
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "TaskBatch":
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TaskBatch:
         """Move to ``device``; ``dtype`` (if given) applies to the rating tensors."""
         y_kw = {"device": device, "dtype": dtype} if dtype is not None else {"device": device}
         return TaskBatch(
@@ -127,7 +127,7 @@ class TaskSet:
             return None
         return _pad_gather(self.query_expected, self.query_offsets, idx)[0]
 
-    def with_support_size(self, k: int) -> "TaskSet":
+    def with_support_size(self, k: int) -> TaskSet:
         """The same tasks with each support set cut to its first ``k`` rows (few-shot curve)."""
         sizes = self.support_sizes.clamp(max=k)
         new_offsets = torch.zeros_like(self.support_offsets)
