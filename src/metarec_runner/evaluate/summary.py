@@ -1,4 +1,5 @@
-"""Summaries over tasks: mean with a 95% confidence interval, and breakdowns by support size."""
+"""Summaries over tasks: mean with a 95% confidence interval (normal approximation or a seeded
+percentile bootstrap over tasks), and breakdowns by support size."""
 
 from __future__ import annotations
 
@@ -25,13 +26,69 @@ def mean_ci(values: np.ndarray) -> tuple[float, float, int]:
     return float(v.mean()), float(half), n
 
 
-def summarize(per_task: pd.DataFrame, metrics: list[str], prefix: str) -> dict[str, float]:
-    """``{prefix/metric: mean, prefix/metric_ci95: half-width}`` for every metric column."""
+CI_METHODS = ("normal", "bootstrap")
+
+
+def bootstrap_ci(
+    values: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float, int]:
+    """Mean, percentile-bootstrap interval ``(lo, hi)`` over tasks, and n.
+
+    Resamples the tasks ``n_boot`` times with replacement (numpy ``default_rng(seed)``, so the
+    interval is reproducible) and takes the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles
+    of the resampled means. NaN entries are skipped first. With n < 2, lo and hi are NaN.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[~np.isnan(v)]
+    n = len(v)
+    if n == 0:
+        return float("nan"), float("nan"), float("nan"), 0
+    if n < 2:
+        return float(v.mean()), float("nan"), float("nan"), n
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot, dtype=np.float64)
+    chunk = max(1, min(n_boot, 4_000_000 // n))  # bound memory at ~32 MB of indices per chunk
+    for start in range(0, n_boot, chunk):
+        stop = min(start + chunk, n_boot)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        means[start:stop] = v[idx].mean(axis=1)
+    lo, hi = np.quantile(means, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+    return float(v.mean()), float(lo), float(hi), n
+
+
+def summarize(
+    per_task: pd.DataFrame,
+    metrics: list[str],
+    prefix: str,
+    ci: str = "normal",
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """``{prefix/metric: mean, prefix/metric_ci95: half-width}`` for every metric column.
+
+    ``ci="normal"``: the half-width is ``1.96 * sd / sqrt(n)``. ``ci="bootstrap"``: a 95%
+    percentile bootstrap (:func:`bootstrap_ci`, same ``seed`` for every metric, so the metrics
+    share resampled task sets when they have the same NaNs); adds ``prefix/metric_ci_lo`` and
+    ``prefix/metric_ci_hi`` and sets ``_ci95`` to half the interval's width.
+    """
+    if ci not in CI_METHODS:
+        raise ValueError(f"ci must be one of {CI_METHODS}, got {ci!r}")
     out: dict[str, float] = {}
     for m in metrics:
-        mean, half, _ = mean_ci(per_task[m].to_numpy())
-        out[f"{prefix}/{m}"] = mean
-        out[f"{prefix}/{m}_ci95"] = half
+        if ci == "normal":
+            mean, half, _ = mean_ci(per_task[m].to_numpy())
+            out[f"{prefix}/{m}"] = mean
+            out[f"{prefix}/{m}_ci95"] = half
+        else:
+            mean, lo, hi, _ = bootstrap_ci(per_task[m].to_numpy(), n_boot=n_boot, level=0.95, seed=seed)
+            out[f"{prefix}/{m}"] = mean
+            out[f"{prefix}/{m}_ci95"] = (hi - lo) / 2.0
+            out[f"{prefix}/{m}_ci_lo"] = lo
+            out[f"{prefix}/{m}_ci_hi"] = hi
     return out
 
 
