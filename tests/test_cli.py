@@ -157,3 +157,30 @@ def test_ui_serves_the_store_train_writes_to(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+@pytest.mark.slow
+def test_sweep_with_a_failing_job_runs_the_rest_and_fails_the_parent(tmp_path):
+    out = tmp_path / "outputs"
+    # job 0 is refused before it can open a run (impossible value); job 1 must still run
+    res = _run(["train", "-m", "+algo=global", "algo.meta_optimizer.lr=-1,0.002", *TINY], tmp_path,
+               METAREC_OUTPUT_DIR=str(out))
+    assert res.returncode != 0
+    assert "metarec: error: algo.meta_optimizer" in res.stderr
+    client = _client(out)
+    runs = client.search_runs([client.get_experiment_by_name("train/toy").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FAILED"
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
+
+
+def test_monitor_typo_and_empty_validation_fail_before_any_run(tmp_path):
+    out = tmp_path / "outputs"
+    for override, needle in (("trainer.monitor=val/rmsee", "trainer.monitor"),
+                             ("splitter.ratios=[0.9,0,0.1]", "ratios")):
+        res = _run(["train", "+algo=maml", *TINY, override], tmp_path, METAREC_OUTPUT_DIR=str(out))
+        assert res.returncode == 2, res.stderr
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], res.stderr
+    assert not list(out.glob("runs/*/*")) and not (out / "mlflow.db").exists()

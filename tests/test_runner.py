@@ -58,6 +58,9 @@ def test_early_stopping_respects_patience():
                           "algo.meta_optimizer.lr=0.05")
     assert fit.stopped_early and len(fit.history) < 30
     assert len(fit.history) == fit.best_epoch + 1
+    _, fit, _ = _fit_test("+algo=global", "trainer.max_epochs=30", "trainer.patience=2",
+                          "algo.meta_optimizer.lr=0.05")
+    assert fit.stopped_early and len(fit.history) == fit.best_epoch + 2  # two epochs without gain
 
 
 @pytest.mark.slow

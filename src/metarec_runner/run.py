@@ -80,6 +80,10 @@ class Prepared:
         seed_everything(cfg.seed)
         self.trainer = build("trainer", cfg.trainer)
         self.evaluator = build("evaluator", cfg.evaluator)
+        known = [f"val/{m}" for m in self.evaluator.metric_names]
+        if self.trainer.monitor not in known:
+            raise ConfigError("trainer.monitor", f"{self.trainer.monitor!r} is not computed; choose one "
+                              f"of {', '.join(known)}")
         self.evaluator.check_query_size(int(min(self.splits.val.query_sizes.min(), self.splits.test.query_sizes.min())))
         mean = float(self.splits.train.support_y.mean())
         model = build("model", cfg.model, schema=self.data.schema, rating_mean=mean)
@@ -121,9 +125,36 @@ def _print_results(console: Console, summary: dict[str, float], metric_names: li
     console.print(table)
 
 
+class JobFailed(RuntimeError):
+    """A sweep job stopped on a MetarecError (already printed); Hydra records the job FAILED and
+    runs the sweep's other jobs."""
+
+
 def _fail(err: MetarecError, code: int) -> None:
+    """Print the one-line error; exit a single run, or fail just this job of a sweep."""
     print(f"metarec: error: {err}", file=sys.stderr)
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise JobFailed(str(err)) from None
     sys.exit(code)
+
+
+def _start_tracking(prep: "Prepared", cfg: DictConfig, hc) -> None:
+    """Open the run (a sweep's child when in a multirun) and log the params, once."""
+    parent = None
+    if hc.mode == RunMode.MULTIRUN:
+        parent = type(prep.tracker).read_sweep_parent(hc.sweep.dir)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    params = flatten_config(resolved)
+    params.update({f"split.{k}": str(v) for k, v in prep.splits.summary().items()})
+    params["data.noise_floor_rmse"] = str(prep.data.noise_floor_rmse)
+    try:
+        prep.tracker.start(params=params, tags=_tags(cfg, prep), parent=parent)
+    except MetarecError:
+        raise
+    except Exception as e:  # the store is unreachable or refused the run
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        uri = getattr(prep.tracker, "tracking_uri", "?")
+        raise ConfigError("logger.tracking_uri", f"cannot start an MLflow run at {uri}: {first}") from None
 
 
 def train_task(cfg: DictConfig) -> float:
@@ -136,16 +167,16 @@ def train_task(cfg: DictConfig) -> float:
         # nothing was tracked: remove the run folder Hydra created, so no half-written run remains
         shutil.rmtree(out_dir, ignore_errors=True)
         _fail(err, 2)
+    try:
+        _start_tracking(prep, cfg, hc)
+    except MetarecError as err:
+        if prep.tracker.run_id:  # created, then failed while logging params
+            prep.tracker.finish("FAILED")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        _fail(err, 2)
     console = Console(soft_wrap=True)
     splits = prep.splits
-    parent = None
-    if hc.mode == RunMode.MULTIRUN:
-        parent = type(prep.tracker).read_sweep_parent(hc.sweep.dir)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    params = flatten_config(resolved)
-    params.update({f"split.{k}": str(v) for k, v in splits.summary().items()})
-    params["data.noise_floor_rmse"] = str(prep.data.noise_floor_rmse)
-    prep.tracker.start(params=params, tags=_tags(cfg, prep), parent=parent)
     try:
         console.print(
             f"[bold]{cfg.run_name}[/]  data={prep.data.name} ({len(prep.data.ratings)} ratings)  "

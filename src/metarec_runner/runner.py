@@ -151,7 +151,7 @@ class Runner:
                     highlight=False,
                 )
                 progress.update(bar, info=f"{self.config.monitor}={value:.4f}")
-                if stale > self.config.patience:
+                if stale and stale >= max(self.config.patience, 1):
                     result.stopped_early = True
                     break
         if best_state is not None:

@@ -55,7 +55,7 @@ def _min_padding_cuts(sizes: Tensor, groups: int) -> list[int]:
         End positions of the runs (the last is ``B``); fewer runs if ``sizes`` has fewer than
         ``groups`` distinct values.
     """
-    values, counts = torch.unique_consecutive(sizes, return_counts=True)
+    values, counts = torch.unique_consecutive(sizes.cpu(), return_counts=True)  # tiny: plan on CPU
     m = values.shape[0]
     groups = max(1, min(groups, m))
     pos = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).double()  # boundaries [m + 1]

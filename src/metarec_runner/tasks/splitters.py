@@ -22,8 +22,9 @@ def _check_ratios(ratios: Sequence[float]) -> tuple[float, float, float]:
             "ratios", f"must be three non-negative fractions summing to 1 (train, val, test), "
             f"got {list(ratios)}; e.g. ratios=[0.8,0.1,0.1]"
         )
-    if ratios[0] == 0 or ratios[2] == 0:
-        raise ConfigError("ratios", f"train and test fractions must be > 0, got {list(ratios)}")
+    if min(ratios) == 0:
+        raise ConfigError("ratios", f"train, validation and test fractions must all be > 0 (validation "
+                          f"selects the epoch), got {list(ratios)}")
     return float(ratios[0]), float(ratios[1]), float(ratios[2])
 
 
@@ -101,7 +102,7 @@ class UserColdStart:
         n_train = int(round(self.ratios[0] * len(users)))
         n_val = int(round(self.ratios[1] * len(users)))
         groups = (users[:n_train], users[n_train:n_train + n_val], users[n_train + n_val:])
-        if len(groups[0]) == 0 or len(groups[2]) == 0:
+        if min(len(g) for g in groups) == 0:
             raise DataError(
                 f"dataset {data.name!r}: {len(users)} eligible users are too few for "
                 f"splitter.ratios={list(self.ratios)}; use more users or other ratios"

@@ -3,10 +3,15 @@
 Jobs find the parent through ``<sweep dir>/mlflow_parent.json`` and start their runs as its
 children (in the parent's experiment). Creating experiment and parent here, once, also keeps
 parallel jobs from racing to create the experiment.
+
+The parent always ends: FINISHED when every job succeeded, FAILED when any job failed (even one
+that failed before it could open its own run), KILLED when the sweep process ends without
+Hydra's ``on_multirun_end`` (Ctrl+C; Hydra also skips it after a failed job, hence ``atexit``).
 """
 
 from __future__ import annotations
 
+import atexit
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +26,7 @@ class MlflowSweepParent(Callback):
     def __init__(self) -> None:
         self._tracker = None
         self._parent = None
+        self._failed_jobs = 0
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         logger = config.get("logger")
@@ -38,7 +44,29 @@ class MlflowSweepParent(Callback):
             sweep_dir, run_name=f"sweep:{sweep_dir.name}",
             tags={"sweep_overrides": overrides, "sweep_dir": str(sweep_dir)},
         )
+        atexit.register(self._close_unended)
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        from hydra.core.utils import JobStatus
+
+        if getattr(job_return, "status", None) == JobStatus.FAILED:
+            self._failed_jobs += 1
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if self._tracker is not None and self._parent is not None:
-            self._tracker.close_sweep_parent(self._parent)
+        self._close(None)
+
+    def _close_unended(self) -> None:
+        self._close("FAILED" if self._failed_jobs else "KILLED")
+
+    def _close(self, status: str | None) -> None:
+        """End the parent once: with ``status``, or FAILED/FINISHED from the jobs' outcomes."""
+        if self._tracker is None or self._parent is None:
+            return
+        parent, self._parent = self._parent, None
+        atexit.unregister(self._close_unended)
+        if status is None and self._failed_jobs:
+            status = "FAILED"
+        if status is None:
+            self._tracker.close_sweep_parent(parent)  # FAILED if a child run failed, else FINISHED
+        else:
+            self._tracker.end_sweep_parent(parent, status)

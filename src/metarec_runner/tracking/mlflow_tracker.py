@@ -180,6 +180,9 @@ class MlflowTracker:
         self._finished = True
         try:
             self.flush()
+        except BaseException:
+            status = "FAILED"  # metrics were lost: the run must not look complete
+            raise
         finally:
             self._client.set_terminated(self.run_id, status)
 
@@ -220,7 +223,13 @@ class MlflowTracker:
             failed = failed or any(r.info.status == "FAILED" for r in page)
             if not (token := page.token):
                 break
-        self._client.set_terminated(parent.run_id, "FAILED" if failed else "FINISHED")
+        self.end_sweep_parent(parent, "FAILED" if failed else "FINISHED")
+
+    def end_sweep_parent(self, parent: SweepParent, status: str) -> None:
+        """End the parent run with ``status`` (FINISHED, FAILED or KILLED)."""
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+        self._client.set_terminated(parent.run_id, status)
 
     @property
     def run_url_hint(self) -> str:
