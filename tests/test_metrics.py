@@ -386,3 +386,15 @@ def test_evaluator_task_metrics_columns_and_random_ties_seeded():
     assert all(torch.equal(out[m], again[m]) for m in out)
     rel = M.relevance(target, mask, "top_n", top_n=5, tie="random", generator=torch.Generator().manual_seed(7))
     assert torch.equal(out["precision_at_5"], M.precision_at_k(pred, target, mask, 5, relevant=rel))
+
+
+def test_reference_scorers_on_the_same_items():
+    ev = QueryEvaluator(ks=(2,), metrics=("rmse", "precision", "ndcg"), relevance="top_n", top_n=2)
+    target = torch.tensor([[5.0, 4.0, 1.0, 1.0], [2.0, 2.0, 5.0, 3.0]])
+    mask = torch.ones_like(target, dtype=torch.bool)
+    out = ev.reference_metrics(target, mask, torch.Generator().manual_seed(0))
+    assert not any(k.endswith("rmse") for k in out)
+    assert torch.equal(out["ref/oracle/precision_at_2"], torch.ones(2))
+    # constant scores + position ties: the first two query items are "ranked" first
+    assert torch.allclose(out["ref/constant/precision_at_2"], torch.tensor([1.0, 0.0]))
+    assert set(out) == {f"ref/{s}/{m}_at_2" for s in ("random", "constant", "oracle") for m in ("precision", "ndcg")}

@@ -115,13 +115,18 @@ def _tags(cfg: DictConfig, prep: Prepared) -> dict[str, str]:
 def _print_results(console: Console, summary: dict[str, float], metric_names: list[str]) -> None:
     from rich.table import Table
 
-    table = Table(title="test metrics (mean over test users, 95% CI)")
+    table = Table(title="test metrics (mean over test users, 95% CI; reference scorers on the same items)")
     table.add_column("metric")
     table.add_column("mean", justify="right")
     table.add_column("± 95% CI", justify="right")
+    refs = [r for r in ("random", "constant", "oracle") if any(k.startswith(f"test/ref/{r}/") for k in summary)]
+    for r in refs:
+        table.add_column(r, justify="right")
     for m in metric_names:
         if f"test/{m}" in summary:
-            table.add_row(m, f"{summary[f'test/{m}']:.4f}", f"{summary[f'test/{m}_ci95']:.4f}")
+            cells = [f"{summary[f'test/ref/{r}/{m}']:.4f}" if f"test/ref/{r}/{m}" in summary else ""
+                     for r in refs]
+            table.add_row(m, f"{summary[f'test/{m}']:.4f}", f"{summary[f'test/{m}_ci95']:.4f}", *cells)
     console.print(table)
 
 

@@ -64,6 +64,8 @@ class QueryEvaluator:
             backend-dependent). Ties among predicted scores are always broken by position.
         graded_gain: gains of ``graded_ndcg``: ``"exp"`` (``2**rating - 1``) or ``"linear"``.
         ci: confidence intervals of the summary: ``"normal"`` or ``"bootstrap"`` (over tasks).
+        references: on the test split, also score the random, constant and oracle scorers on the
+            same query items (``test/ref/<scorer>/<metric>``), so every report carries them.
         n_boot: bootstrap resamples for ``ci="bootstrap"``.
         seed: seeds the random tie-break (per evaluation call) and the bootstrap.
     """
@@ -81,6 +83,7 @@ class QueryEvaluator:
         tie_break: str = "position",
         graded_gain: str = "exp",
         ci: str = "normal",
+        references: bool = True,
         n_boot: int = 1000,
         seed: int = 0,
     ) -> None:
@@ -115,6 +118,7 @@ class QueryEvaluator:
         self.ci = str(ci)
         self.n_boot = int(n_boot)
         self.seed = int(seed)
+        self.references = bool(references)
         self.metric_names = [
             name for m in self.metrics for name in ([m] if m in _NO_CUTOFF else [f"{m}_at_{k}" for k in self.ks])
         ]
@@ -188,12 +192,16 @@ class QueryEvaluator:
         values: dict[str, list[torch.Tensor]] = {}
         dtype = next(algo.model.parameters()).dtype
         generator = torch.Generator().manual_seed(self.seed)  # same random tie-break every call
+        references = self.references and split == "test"
+        ref_gen = torch.Generator().manual_seed(self.seed + 1)  # the random reference scorer
         for start in range(0, len(tasks), self.batch_size):
             idx = torch.arange(start, min(start + self.batch_size, len(tasks)))
             batch = tasks.batch(idx).to(device, dtype)
             scorer = algo.adapt(batch)
             pred = scorer.predict(batch.query_x)
             found = self.task_metrics(pred, batch.query_y, batch.query_mask, generator)
+            if references:
+                found.update(self.reference_metrics(batch.query_y, batch.query_mask, ref_gen))
             expected = tasks.query_expected_batch(idx)
             if expected is not None:
                 found["floor_rmse"] = M.rmse(expected.to(device, dtype), batch.query_y, batch.query_mask)
@@ -207,4 +215,24 @@ class QueryEvaluator:
             frame[name] = torch.cat(v).double().numpy()
         names = [m for m in [*self.metric_names, "floor_rmse"] if m in frame.columns]
         summary = summarize(frame, names, split, ci=self.ci, n_boot=self.n_boot, seed=self.seed)
+        ref_names = [c for c in frame.columns if c.startswith("ref/")]
+        summary.update(summarize(frame, ref_names, split, ci=self.ci, n_boot=self.n_boot, seed=self.seed))
         return EvalResult(frame, summary, by_support_size(frame, names))
+
+    def reference_metrics(self, target: torch.Tensor, mask: torch.Tensor,
+                          generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Ranking metrics ``[B]`` of the random, constant and oracle scorers on the same query
+        items, as ``ref/<scorer>/<metric>`` (rating metrics are left out: they mean nothing for
+        these scorers). Under query-only candidates these are the numbers a model must be read
+        against: with tied ratings a constant score can sit well above random."""
+        scorers = {
+            "random": torch.rand(target.shape, generator=generator).to(target),
+            "constant": torch.zeros_like(target),
+            "oracle": target,
+        }
+        out: dict[str, torch.Tensor] = {}
+        for name, pred in scorers.items():
+            for metric, v in self.task_metrics(pred, target, mask).items():
+                if metric not in ("rmse", "mae"):
+                    out[f"ref/{name}/{metric}"] = v
+        return out
