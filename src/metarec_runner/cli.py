@@ -13,6 +13,7 @@ import sys
 
 import typer
 
+from metarec_runner.compare_cli import compare  # stdlib + typer only: --help stays fast
 from metarec_runner.data_cli import data_app  # stdlib + typer only: --help stays fast
 
 app = typer.Typer(
@@ -88,6 +89,7 @@ def _latest_experiment_runs_path(uri: str) -> str:
 
 
 app.add_typer(data_app, name="data")
+app.command("compare")(compare)
 
 
 if __name__ == "__main__":

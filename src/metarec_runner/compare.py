@@ -1,0 +1,325 @@
+"""Compare finished runs in an MLflow store: one row per group (e.g. per algorithm), the mean of
+the runs' test means with a 95% CI over runs, and a paired difference to a baseline on the very
+same test tasks (same ``split_hash``), pooled over seeds.
+
+Pairing rule: every run of a group is joined, on ``task_id`` of its ``per_task.csv``, with the
+baseline runs that have the same ``split_hash`` and the same ``seed``; when no baseline run has
+that seed, with the baseline runs of the same ``split_hash`` (their per-task values averaged).
+A run whose ``split_hash`` no baseline run shares is counted as *not paired*: runs on different
+test tasks are never compared task by task.
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from metarec_runner.errors import MetarecError
+from metarec_runner.evaluate.summary import Z_95, mean_ci
+
+PARENT_TAG = "mlflow.parentRunId"
+SWEEP_PREFIX = "sweep:"
+CORE_TAGS = ("algo", "model", "dataset", "splitter", "split_hash", "protocol")
+LOWER_IS_BETTER = ("rmse", "mae", "mse", "loss")
+PER_TASK_FILE = "per_task.csv"
+
+
+class CompareError(MetarecError):
+    """Nothing (or nothing sensible) to compare: unknown experiment, metric, group key, baseline."""
+
+
+def lower_is_better(metric: str) -> bool:
+    """``rmse``, ``mae``, ``floor_rmse``, ``*loss`` ...: smaller is better; anything else larger."""
+    name = metric.split("/")[-1]
+    return name.endswith(LOWER_IS_BETTER)
+
+
+def _metric_name(metric: str) -> str:
+    """``test/rmse`` -> ``rmse``."""
+    return metric.removeprefix("test/")
+
+
+def _client(tracking_uri: str):
+    if tracking_uri.startswith("sqlite:///"):
+        path = tracking_uri[len("sqlite:///"):]
+        if path and path != ":memory:" and not Path(path).is_file():
+            # MlflowClient would silently create an empty store here
+            raise CompareError(f"no MLflow store at {path}; run `metarec train` first or pass "
+                               "--tracking-uri")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def _search_all(client, experiment_ids: list[str], filter_string: str = "",
+                order_by: list[str] | None = None, max_total: int | None = None) -> list:
+    """Every run matching ``filter_string`` (``search_runs`` paginated, 1000 a page)."""
+    from mlflow.entities import ViewType
+
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string, ViewType.ACTIVE_ONLY,
+                                  max_results=1000, order_by=order_by, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token or (max_total is not None and len(runs) >= max_total):
+            return runs
+
+
+def _experiment_ids(client, experiment: str | None) -> list[str]:
+    from mlflow.entities import ViewType
+
+    exps = client.search_experiments(view_type=ViewType.ACTIVE_ONLY)
+    if experiment is None:
+        return [e.experiment_id for e in exps]
+    for e in exps:
+        if e.name == experiment or e.experiment_id == experiment:
+            return [e.experiment_id]
+    names = ", ".join(sorted(e.name for e in exps)) or "none"
+    raise CompareError(f"unknown experiment {experiment!r}; experiments in this store: {names}")
+
+
+def latest_sweep(client, experiment_ids: list[str]) -> str:
+    """The run id of the most recently started sweep parent (run name ``sweep:<time>``)."""
+    parents = _search_all(client, experiment_ids, f"attributes.run_name LIKE '{SWEEP_PREFIX}%'",
+                          order_by=["attributes.start_time DESC"], max_total=1)
+    if not parents:
+        raise CompareError("no sweep in this store (sweeps come from `metarec train -m ...`)")
+    return parents[0].info.run_id
+
+
+def _to_int(value):
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return pd.NA
+
+
+def collect_runs(tracking_uri: str | None = None, experiment: str | None = None,
+                 parent_run_id: str | None = None, status: str | None = "FINISHED") -> pd.DataFrame:
+    """One row per run: ``run_id, run_name, experiment_id, parent_run_id, status, algo, model,
+    dataset, splitter, split_hash, protocol, seed, split_seed``, every test metric
+    (``test/<metric>``, ``test/<metric>_ci95``), then ``tags.<key>`` and ``params.<key>`` for all
+    other tags and params (for grouping by any of them).
+
+    Args:
+        tracking_uri: the store (default :func:`metarec_runner.paths.default_tracking_uri`).
+        experiment: experiment name (or id); None: every active experiment.
+        parent_run_id: only the child runs of this sweep parent; ``"latest"``: of the most
+            recently started sweep (in ``experiment`` when given).
+        status: keep runs with this status (None: all). Sweep parents are never included.
+
+    Raises:
+        CompareError: unknown experiment or sweep, or no store at a sqlite path.
+    """
+    if tracking_uri is None:
+        from metarec_runner.paths import default_tracking_uri
+
+        tracking_uri = default_tracking_uri()
+    client = _client(tracking_uri)
+    exp_ids = _experiment_ids(client, experiment)
+    filters = []
+    if parent_run_id is not None:
+        if parent_run_id == "latest":
+            parent_run_id = latest_sweep(client, exp_ids)
+        else:
+            from mlflow.exceptions import MlflowException
+
+            try:
+                parent = client.get_run(parent_run_id)
+            except MlflowException:
+                raise CompareError(f"no run {parent_run_id!r} in {tracking_uri}") from None
+            if experiment is None:
+                exp_ids = [parent.info.experiment_id]
+        filters.append(f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
+    if status is not None:
+        filters.append(f"attributes.status = '{status}'")
+    runs = _search_all(client, exp_ids, " AND ".join(filters), order_by=["attributes.start_time ASC"]) \
+        if exp_ids else []
+    rows = []
+    for r in runs:
+        tags, params = r.data.tags, r.data.params
+        if "algo" not in tags:  # a sweep parent or a run not made by metarec
+            continue
+        row = {"run_id": r.info.run_id, "run_name": tags.get("mlflow.runName", r.info.run_name),
+               "experiment_id": r.info.experiment_id, "parent_run_id": tags.get(PARENT_TAG),
+               "status": r.info.status}
+        row.update({k: tags.get(k) for k in CORE_TAGS})
+        row["seed"], row["split_seed"] = _to_int(params.get("seed")), _to_int(params.get("split_seed"))
+        row.update({k: float(v) for k, v in sorted(r.data.metrics.items()) if k.startswith("test/")})
+        row.update({f"tags.{k}": v for k, v in sorted(tags.items())
+                    if k not in CORE_TAGS and not k.startswith("mlflow.")})
+        row.update({f"params.{k}": v for k, v in sorted(params.items())})
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if not frame.empty:  # metric columns first, after the core columns
+        fixed = ["run_id", "run_name", "experiment_id", "parent_run_id", "status", *CORE_TAGS,
+                 "seed", "split_seed"]
+        metric_cols = sorted(c for c in frame.columns if c.startswith("test/"))
+        rest = [c for c in frame.columns if c not in fixed and c not in metric_cols]
+        frame = frame[fixed + metric_cols + rest]
+        frame["seed"] = frame["seed"].astype("Int64")
+        frame["split_seed"] = frame["split_seed"].astype("Int64")
+    frame.attrs["tracking_uri"] = tracking_uri
+    frame.attrs["parent_run_id"] = parent_run_id
+    return frame
+
+
+def available_metrics(runs: pd.DataFrame) -> list[str]:
+    """Test metric names some run has (``rmse``, ``mae``, ...), without the ``_ci*`` columns."""
+    return sorted(c[len("test/"):] for c in runs.columns
+                  if c.startswith("test/") and not c.endswith(("_ci95", "_ci_lo", "_ci_hi"))
+                  and runs[c].notna().any())
+
+
+def resolve_column(runs: pd.DataFrame, key: str) -> str:
+    """The column for a group key: ``key`` itself, else ``tags.<key>``, else ``params.<key>``."""
+    for col in (key, f"tags.{key}", f"params.{key}"):
+        if col in runs.columns:
+            return col
+    known = sorted({c.split(".", 1)[1] if c.startswith(("tags.", "params.")) else c
+                    for c in runs.columns if not c.startswith("test/")})
+    raise CompareError(f"cannot group by {key!r}: no such tag or param; e.g. "
+                       f"{', '.join(k for k in known[:40])}")
+
+
+class PerTaskCache:
+    """Downloads ``per_task.csv`` of a run once, into a temporary folder (removed at exit)."""
+
+    def __init__(self, tracking_uri: str, cache_dir: str | Path | None = None) -> None:
+        self.tracking_uri = tracking_uri
+        if cache_dir is None:
+            cache_dir = tempfile.mkdtemp(prefix="metarec-compare-")
+            atexit.register(shutil.rmtree, cache_dir, True)
+        self.dir = Path(cache_dir)
+        self._frames: dict[str, pd.DataFrame] = {}
+        self._client_obj = None
+
+    def __call__(self, run_id: str) -> pd.DataFrame:
+        if run_id not in self._frames:
+            dst = self.dir / run_id
+            path = dst / PER_TASK_FILE
+            if not path.is_file():
+                if self._client_obj is None:
+                    self._client_obj = _client(self.tracking_uri)
+                dst.mkdir(parents=True, exist_ok=True)
+                try:
+                    path = Path(self._client_obj.download_artifacts(run_id, PER_TASK_FILE, str(dst)))
+                except Exception as e:  # noqa: BLE001 - a run without the artifact
+                    raise CompareError(f"run {run_id} has no readable {PER_TASK_FILE} artifact "
+                                       f"({str(e).strip().splitlines()[0] if str(e).strip() else e!r})") from None
+            self._frames[run_id] = pd.read_csv(path)
+        return self._frames[run_id]
+
+
+def _paired_differences(run: pd.Series, partners: pd.DataFrame, metric: str,
+                        per_task: Callable[[str], pd.DataFrame]) -> np.ndarray:
+    """Per-task ``run - baseline`` on the tasks both have (baseline averaged over ``partners``)."""
+    own = per_task(run["run_id"])[["task_id", metric]].dropna()
+    base = pd.concat([per_task(rid)[["task_id", metric]] for rid in partners["run_id"]])
+    base = base.dropna().groupby("task_id", as_index=False)[metric].mean()
+    joined = own.merge(base, on="task_id", suffixes=("", "_baseline"))
+    return (joined[metric] - joined[f"{metric}_baseline"]).to_numpy(dtype=np.float64)
+
+
+def compare_table(runs: pd.DataFrame, metric: str, group_by: Sequence[str] = ("algo",),
+                  baseline: str | None = None,
+                  per_task: Callable[[str], pd.DataFrame] | None = None,
+                  cache_dir: str | Path | None = None) -> pd.DataFrame:
+    """One row per group, sorted best first by ``metric`` (lower first for rmse/mae).
+
+    Columns: the group keys, ``n_runs``, ``n_seeds``, ``mean`` (the mean of the runs' test
+    means), ``ci95`` (half-width; over runs, ``1.96 * sd / sqrt(n_runs)``, when there are >= 2
+    runs, else the single run's own ``test/<metric>_ci95`` over test tasks), ``ci_over``
+    (``"runs"`` or ``"tasks"``). With ``baseline`` (an ``algo``): ``diff`` (mean of the pooled
+    per-task differences ``group - baseline``), ``diff_ci95`` (normal, over the pooled pairs),
+    ``n_paired`` (pooled (run, task) pairs), ``unpaired_runs`` (runs whose ``split_hash`` no
+    baseline run shares; they add no pairs) and ``paired`` (``"yes"``, ``"partly"``, ``"no"``,
+    ``"baseline"``).
+
+    Args:
+        runs: :func:`collect_runs` output.
+        metric: ``rmse`` or ``test/rmse``.
+        group_by: tags/params (``algo``, ``model``, ``trainer.max_epochs``, ...).
+        baseline: the ``algo`` to pair against.
+        per_task: ``run_id -> per_task DataFrame`` (default: download, cached in ``cache_dir``
+            or a temporary folder).
+
+    Raises:
+        CompareError: no runs, unknown metric, group key or baseline.
+    """
+    if runs.empty:
+        raise CompareError("no runs to compare")
+    metric = _metric_name(metric)
+    col = f"test/{metric}"
+    if col not in runs.columns or runs[col].isna().all():
+        raise CompareError(f"no run has metric {metric!r}; available: "
+                           f"{', '.join(available_metrics(runs)) or 'none'}")
+    keys = [resolve_column(runs, k) for k in group_by]
+    runs = runs[runs[col].notna()]
+    base_runs = None
+    if baseline is not None:
+        base_runs = runs[runs["algo"] == baseline]
+        if base_runs.empty:
+            algos = ", ".join(sorted(runs["algo"].dropna().unique()))
+            raise CompareError(f"no run of baseline algo {baseline!r} has {metric!r}; algos: {algos}")
+        if per_task is None:
+            per_task = PerTaskCache(runs.attrs.get("tracking_uri") or _default_uri(), cache_dir)
+    rows = []
+    for group_values, group in runs.groupby(keys, dropna=False, sort=True):
+        values = group_values if isinstance(group_values, tuple) else (group_values,)
+        row: dict[str, object] = {k: v for k, v in zip(group_by, values)}
+        means = group[col].to_numpy(dtype=np.float64)
+        row["n_runs"] = len(group)
+        row["n_seeds"] = int(group["seed"].nunique()) if "seed" in group else pd.NA
+        row["mean"] = float(means.mean())
+        if len(means) >= 2:
+            row["ci95"], row["ci_over"] = float(Z_95 * means.std(ddof=1) / math.sqrt(len(means))), "runs"
+        else:
+            own = group.get(f"{col}_ci95")
+            row["ci95"] = float(own.iloc[0]) if own is not None else float("nan")
+            row["ci_over"] = "tasks"
+        if base_runs is not None:
+            row.update(_baseline_columns(group, base_runs, metric, baseline, per_task))
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table = table.sort_values("mean", ascending=lower_is_better(metric), kind="stable",
+                              ignore_index=True)
+    table.attrs.update(metric=metric, baseline=baseline, group_by=tuple(group_by),
+                       lower_is_better=lower_is_better(metric))
+    return table
+
+
+def _baseline_columns(group: pd.DataFrame, base_runs: pd.DataFrame, metric: str, baseline: str,
+                      per_task: Callable[[str], pd.DataFrame]) -> dict[str, object]:
+    if (group["algo"] == baseline).all():
+        return {"diff": float("nan"), "diff_ci95": float("nan"), "n_paired": 0,
+                "unpaired_runs": 0, "paired": "baseline"}
+    diffs, unpaired = [], 0
+    for _, run in group[group["algo"] != baseline].iterrows():  # baseline runs are the reference
+        same_split = base_runs[(base_runs["split_hash"] == run["split_hash"])
+                               & (base_runs["run_id"] != run["run_id"])]
+        if same_split.empty or pd.isna(run["split_hash"]):
+            unpaired += 1
+            continue
+        same_seed = same_split[same_split["seed"] == run["seed"]] if pd.notna(run["seed"]) else same_split[:0]
+        diffs.append(_paired_differences(run, same_seed if not same_seed.empty else same_split,
+                                         metric, per_task))
+    pooled = np.concatenate(diffs) if diffs else np.empty(0)
+    mean, half, n = mean_ci(pooled)
+    paired = "no" if not diffs else ("partly" if unpaired else "yes")
+    return {"diff": mean, "diff_ci95": half, "n_paired": n, "unpaired_runs": unpaired,
+            "paired": paired}
+
+
+def _default_uri() -> str:
+    from metarec_runner.paths import default_tracking_uri
+
+    return default_tracking_uri()

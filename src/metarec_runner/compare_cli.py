@@ -1,0 +1,116 @@
+"""``metarec compare``: a table of finished runs grouped by algorithm (or any tag/param), with a
+paired difference to a baseline on identical test tasks.
+
+Only stdlib and typer are imported at module level (``metarec --help`` stays fast); pandas,
+mlflow and rich are imported inside the command.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import typer
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"metarec: error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    try:
+        if isinstance(value, float) and math.isnan(value):
+            return "-"
+    except TypeError:
+        pass
+    if isinstance(value, float):
+        return f"{value:+.{digits}f}" if digits < 0 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def compare(
+    experiment: str = typer.Option(None, help="Experiment name, e.g. train/toy (default: all)."),
+    sweep: str = typer.Option(None, help="parent run id or 'latest'"),
+    metric: str = typer.Option("rmse", help="Test metric to compare (rmse, mae, ndcg_at_5, ...)."),
+    baseline: str = typer.Option(None, help="Algo to pair against on identical test tasks."),
+    by: str = typer.Option("algo", help="comma-separated tags/params to group by"),
+    format: str = typer.Option("table", help="table|csv"),
+    tracking_uri: str = typer.Option(None, help="Store to read (default: the one `train` writes to)."),
+) -> None:
+    """Compare finished runs: mean test metric per algo with a 95% CI over seeds, and the paired
+    difference to --baseline over the same test users (same split_hash)."""
+    if format not in ("table", "csv"):
+        _fail(f"--format must be table or csv, got {format!r}")
+    group_by = [k.strip() for k in by.split(",") if k.strip()]
+    if not group_by:
+        _fail("--by needs at least one tag or param, e.g. --by algo")
+    from metarec_runner.compare import CompareError, collect_runs, compare_table
+    from metarec_runner.paths import default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri()
+    try:
+        runs = collect_runs(uri, experiment=experiment, parent_run_id=sweep)
+        if runs.empty:
+            where = f"sweep {sweep}" if sweep else (f"experiment {experiment!r}" if experiment else uri)
+            _fail(f"no finished runs in {where}")
+        note = None
+        if runs["dataset"].nunique() > 1 and "dataset" not in group_by:
+            group_by = ["dataset", *group_by]
+            note = "runs span several datasets: grouped by dataset too"
+        table = compare_table(runs, metric, group_by=group_by, baseline=baseline)
+    except CompareError as err:
+        _fail(str(err))
+    if format == "csv":
+        table.to_csv(sys.stdout, index=False)
+        return
+    _print_table(table, runs, note)
+
+
+def _print_table(table, runs, note: str | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    metric, baseline = table.attrs["metric"], table.attrs["baseline"]
+    direction = "lower" if table.attrs["lower_is_better"] else "higher"
+    sweep = runs.attrs.get("parent_run_id")
+    title = f"test/{metric} ({direction} is better), {len(runs)} runs" + (f", sweep {sweep}" if sweep else "")
+    out = Table(title=title)
+    group_by = list(table.attrs["group_by"])
+    for key in group_by:
+        out.add_column(key)
+    out.add_column("runs", justify="right")
+    out.add_column("seeds", justify="right")
+    out.add_column(metric, justify="right")
+    out.add_column("±95% CI", justify="right")
+    out.add_column("CI over", justify="left")
+    if baseline is not None:
+        out.add_column(f"Δ vs {baseline}", justify="right")
+        out.add_column("±95% CI", justify="right")
+        out.add_column("paired tasks", justify="right")
+    for _, row in table.iterrows():
+        cells = [str(row[k]) for k in group_by]
+        cells += [str(row["n_runs"]), str(row["n_seeds"]), _fmt(row["mean"]), _fmt(row["ci95"]),
+                  str(row["ci_over"])]
+        if baseline is not None:
+            if row["paired"] == "baseline":
+                cells += ["(baseline)", "", ""]
+            elif row["paired"] == "no":
+                cells += ["not paired", "", f"0 ({row['unpaired_runs']} runs: other split)"]
+            else:
+                paired = str(row["n_paired"])
+                if row["unpaired_runs"]:
+                    paired += f" ({row['unpaired_runs']} runs not paired: other split)"
+                cells += [f"{row['diff']:+.4f}", _fmt(row["diff_ci95"]), paired]
+        out.add_row(*cells)
+    console = Console(soft_wrap=True)
+    if not console.is_terminal:  # piped: do not squeeze the table into 80 columns
+        console = Console(soft_wrap=True, width=200)
+    console.print(out)
+    if baseline is not None:
+        console.print(f"Δ = group - {baseline} per test user on the same split (same seed where "
+                      "possible), pooled over seeds; CI normal over those pairs.", highlight=False)
+    if note:
+        console.print(note, highlight=False)
