@@ -68,96 +68,116 @@ class UserColdStart:
         self.max_interactions = None if max_interactions is None else int(max_interactions)
         self.seed = int(seed)
 
-    def _eligible_users(self, counts: np.ndarray, name: str) -> np.ndarray:
-        """User codes that pass the interaction-count filter and can hold the task."""
+    #: the column whose values become tasks ("user": one task per user, "item": per item)
+    task_key = "user"
+
+    def _eligible(self, counts: np.ndarray, name: str) -> np.ndarray:
+        """Task keys (user or item codes) that pass the count filter and can hold a task."""
+        kind = self.task_key
         keep = counts >= self.min_interactions
         if self.max_interactions is not None:
             keep &= counts <= self.max_interactions
-        users = np.flatnonzero(keep)
-        if len(users) == 0:
+        keys = np.flatnonzero(keep)
+        if len(keys) == 0:
             raise DataError(
-                f"dataset {name!r}: no user has between splitter.min_interactions="
+                f"dataset {name!r}: no {kind} has between splitter.min_interactions="
                 f"{self.min_interactions} and splitter.max_interactions={self.max_interactions} "
                 f"interactions (counts range {counts.min()}..{counts.max()}); widen the filter"
             )
         need = self.n_query + (self.n_support or 1)
-        short = users[counts[users] < need]
+        short = keys[counts[keys] < need]
         if len(short):
             what = "support" if self.n_support is None else f"{self.n_support} support items"
             raise ConfigError(
                 "splitter.n_query",
-                f"n_query={self.n_query} leaves no room for {what} for {len(short)} users with "
+                f"n_query={self.n_query} leaves no room for {what} for {len(short)} {kind}s with "
                 f"fewer than {need} interactions (smallest: {counts[short].min()}); lower "
                 f"splitter.n_query or raise splitter.min_interactions to {need}",
             )
-        return users
+        return keys
+
+    def _split_keys(self, keys: np.ndarray, rng: np.random.Generator, name: str) -> tuple[np.ndarray, ...]:
+        """Shuffle ``keys`` and cut them into disjoint (train, val, test) groups by ``ratios``."""
+        keys = keys[rng.permutation(len(keys))]
+        n_train = int(round(self.ratios[0] * len(keys)))
+        n_val = int(round(self.ratios[1] * len(keys)))
+        groups = (keys[:n_train], keys[n_train:n_train + n_val], keys[n_train + n_val:])
+        if min(len(g) for g in groups) == 0:
+            raise DataError(
+                f"dataset {name!r}: {len(keys)} eligible {self.task_key}s are too few for "
+                f"splitter.ratios={list(self.ratios)}; use more {self.task_key}s or other ratios"
+            )
+        return groups
 
     def __call__(self, data: Interactions) -> TaskSplits:
         """Split ``data`` into tasks. Deterministic in ``seed`` and the data."""
-        users_col = data.ratings["user"].to_numpy(np.int64)
-        counts = np.bincount(users_col, minlength=data.n_users)
-        users = self._eligible_users(counts, data.name)
+        key_col = data.ratings[self.task_key].to_numpy(np.int64)
+        n_keys = data.n_users if self.task_key == "user" else data.n_items
+        counts = np.bincount(key_col, minlength=n_keys)
         rng = np.random.default_rng(self.seed)
-        users = users[rng.permutation(len(users))]
-        n_train = int(round(self.ratios[0] * len(users)))
-        n_val = int(round(self.ratios[1] * len(users)))
-        groups = (users[:n_train], users[n_train:n_train + n_val], users[n_train + n_val:])
-        if min(len(g) for g in groups) == 0:
-            raise DataError(
-                f"dataset {data.name!r}: {len(users)} eligible users are too few for "
-                f"splitter.ratios={list(self.ratios)}; use more users or other ratios"
-            )
-        # rank of each interaction within its user, in a seeded random order
-        key = rng.random(len(users_col))
-        order = np.lexsort((key, users_col))
-        rank = np.empty(len(users_col), dtype=np.int64)
+        groups = self._split_keys(self._eligible(counts, data.name), rng, data.name)
+        # rank of each interaction within its task, in a seeded random order
+        key = rng.random(len(key_col))
+        order = np.lexsort((key, key_col))
+        rank = np.empty(len(key_col), dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        rank[order] = np.arange(len(users_col)) - starts[users_col[order]]
+        rank[order] = np.arange(len(key_col)) - starts[key_col[order]]
         is_query = rank < self.n_query
         is_support = ~is_query
         if self.n_support is not None:
             is_support &= rank < self.n_query + self.n_support
-        parts = [self._taskset(data, g, rank, is_support, is_query) for g in groups]
+        parts = [taskset_by_key(data, key_col, n_keys, g, rank, is_support, is_query) for g in groups]
         return TaskSplits(*parts)
 
-    def _taskset(
-        self,
-        data: Interactions,
-        group: np.ndarray,
-        rank: np.ndarray,
-        is_support: np.ndarray,
-        is_query: np.ndarray,
-    ) -> TaskSet:
-        """Flat CSR TaskSet for the users in ``group`` (in that order)."""
-        users_col = data.ratings["user"].to_numpy(np.int64)
-        position = np.full(data.n_users, -1, dtype=np.int64)
-        position[group] = np.arange(len(group))
-        task_of_row = position[users_col]
 
-        def rows(select: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
-            idx = np.flatnonzero(select & (task_of_row >= 0))
-            idx = idx[np.lexsort((rank[idx], task_of_row[idx]))]
-            sizes = np.bincount(task_of_row[idx], minlength=len(group))
-            offsets = torch.zeros(len(group) + 1, dtype=torch.long)
-            offsets[1:] = torch.from_numpy(np.cumsum(sizes))
-            return idx, offsets
+def taskset_by_key(
+    data: Interactions,
+    key_col: np.ndarray,
+    n_keys: int,
+    group: np.ndarray,
+    rank: np.ndarray,
+    is_support: np.ndarray,
+    is_query: np.ndarray,
+) -> TaskSet:
+    """Flat CSR TaskSet with one task per key in ``group`` (in that order).
 
-        s_idx, s_off = rows(is_support)
-        q_idx, q_off = rows(is_query)
-        items_col = data.ratings["item"].to_numpy(np.int64)
-        ratings = data.ratings["rating"].to_numpy(np.float32)
-        expected = None
-        if "expected_rating" in data.ratings.columns:
-            expected = torch.from_numpy(
-                data.ratings["expected_rating"].to_numpy(np.float32)[q_idx].copy()
-            )
-        return TaskSet(
-            task_ids=torch.from_numpy(group.copy()),
-            support_x=data.feature_rows(users_col[s_idx], items_col[s_idx]),
-            support_y=torch.from_numpy(ratings[s_idx].copy()),
-            support_offsets=s_off,
-            query_x=data.feature_rows(users_col[q_idx], items_col[q_idx]),
-            query_y=torch.from_numpy(ratings[q_idx].copy()),
-            query_offsets=q_off,
-            query_expected=expected,
+    Args:
+        data: the interactions.
+        key_col: int array ``[N]``, the task key of each rating row (user or item code).
+        n_keys: number of distinct keys (``n_users`` or ``n_items``).
+        group: key codes of this split's tasks; they become ``task_ids``.
+        rank: int array ``[N]``; rows are stored in this order within a task.
+        is_support, is_query: bool arrays ``[N]`` selecting support and query rows.
+    """
+    position = np.full(n_keys, -1, dtype=np.int64)
+    position[group] = np.arange(len(group))
+    task_of_row = position[key_col]
+
+    def rows(select: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        idx = np.flatnonzero(select & (task_of_row >= 0))
+        idx = idx[np.lexsort((rank[idx], task_of_row[idx]))]
+        sizes = np.bincount(task_of_row[idx], minlength=len(group))
+        offsets = torch.zeros(len(group) + 1, dtype=torch.long)
+        offsets[1:] = torch.from_numpy(np.cumsum(sizes))
+        return idx, offsets
+
+    s_idx, s_off = rows(is_support)
+    q_idx, q_off = rows(is_query)
+    users_col = data.ratings["user"].to_numpy(np.int64)
+    items_col = data.ratings["item"].to_numpy(np.int64)
+    ratings = data.ratings["rating"].to_numpy(np.float32)
+    expected = None
+    if "expected_rating" in data.ratings.columns:
+        expected = torch.from_numpy(
+            data.ratings["expected_rating"].to_numpy(np.float32)[q_idx].copy()
         )
+    return TaskSet(
+        task_ids=torch.from_numpy(np.asarray(group, dtype=np.int64).copy()),
+        support_x=data.feature_rows(users_col[s_idx], items_col[s_idx]),
+        support_y=torch.from_numpy(ratings[s_idx].copy()),
+        support_offsets=s_off,
+        query_x=data.feature_rows(users_col[q_idx], items_col[q_idx]),
+        query_y=torch.from_numpy(ratings[q_idx].copy()),
+        query_offsets=q_off,
+        query_expected=expected,
+    )

@@ -11,7 +11,7 @@ import numpy as np
 
 from metarec_runner.data.interactions import Interactions
 from metarec_runner.errors import DataError
-from metarec_runner.tasks.splitters import UserColdStart
+from metarec_runner.tasks.splitters import UserColdStart, taskset_by_key
 from metarec_runner.tasks.taskset import TaskSplits
 
 
@@ -55,17 +55,8 @@ class TemporalUserColdStart(UserColdStart):
         users_col = data.ratings["user"].to_numpy(np.int64)
         items_col = data.ratings["item"].to_numpy(np.int64)
         counts = np.bincount(users_col, minlength=data.n_users)
-        users = self._eligible_users(counts, data.name)
         rng = np.random.default_rng(self.seed)
-        users = users[rng.permutation(len(users))]
-        n_train = round(self.ratios[0] * len(users))
-        n_val = round(self.ratios[1] * len(users))
-        groups = (users[:n_train], users[n_train:n_train + n_val], users[n_train + n_val:])
-        if min(len(g) for g in groups) == 0:
-            raise DataError(
-                f"dataset {data.name!r}: {len(users)} eligible users are too few for "
-                f"splitter.ratios={list(self.ratios)}; use more users or other ratios"
-            )
+        groups = self._split_keys(self._eligible(counts, data.name), rng, data.name)
         # chronological position of each interaction within its user (ties: item code, then row)
         n = len(users_col)
         order = np.lexsort((np.arange(n), items_col, timestamps, users_col))
@@ -79,5 +70,6 @@ class TemporalUserColdStart(UserColdStart):
         is_support = ~is_query
         if self.n_support is not None:
             is_support &= rank < self.n_support
-        parts = [self._taskset(data, g, rank, is_support, is_query) for g in groups]
+        parts = [taskset_by_key(data, users_col, data.n_users, g, rank, is_support, is_query)
+                 for g in groups]
         return TaskSplits(*parts)
