@@ -126,7 +126,8 @@ class UserColdStart:
         is_support = ~is_query
         if self.n_support is not None:
             is_support &= rank < self.n_query + self.n_support
-        parts = [taskset_by_key(data, key_col, n_keys, g, rank, is_support, is_query) for g in groups]
+        parts = [taskset_by_key(data, key_col, n_keys, g, rank, is_support, is_query, self.task_key)
+                 for g in groups]
         return TaskSplits(*parts)
 
 
@@ -138,6 +139,7 @@ def taskset_by_key(
     rank: np.ndarray,
     is_support: np.ndarray,
     is_query: np.ndarray,
+    task_kind: str = "user",
 ) -> TaskSet:
     """Flat CSR TaskSet with one task per key in ``group`` (in that order).
 
@@ -148,6 +150,7 @@ def taskset_by_key(
         group: key codes of this split's tasks; they become ``task_ids``.
         rank: int array ``[N]``; rows are stored in this order within a task.
         is_support, is_query: bool arrays ``[N]`` selecting support and query rows.
+        task_kind: what a task is (``TaskSet.task_kind``): ``"user"`` or ``"item"``.
     """
     position = np.full(n_keys, -1, dtype=np.int64)
     position[group] = np.arange(len(group))
@@ -180,4 +183,5 @@ def taskset_by_key(
         query_y=torch.from_numpy(ratings[q_idx].copy()),
         query_offsets=q_off,
         query_expected=expected,
+        task_kind=task_kind,
     )

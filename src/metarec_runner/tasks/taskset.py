@@ -89,6 +89,8 @@ class TaskSet:
         support_offsets: ``[T + 1]`` CSR offsets into the support rows.
         query_x: ``[Nq, F]``; query_y: ``[Nq]``; query_offsets: ``[T + 1]``.
         query_expected: ``[Nq]`` Bayes-optimal predictions (synthetic data) or None.
+        task_kind: what one task is: ``"user"`` (task_ids are user codes; the only kind that
+            full-ranking protocols accept), ``"item"``, ``"group"`` or ``"domain"``.
     """
 
     task_ids: Tensor
@@ -99,6 +101,7 @@ class TaskSet:
     query_y: Tensor
     query_offsets: Tensor
     query_expected: Tensor | None = None
+    task_kind: str = "user"
 
     def __len__(self) -> int:
         return int(self.task_ids.shape[0])
