@@ -117,11 +117,7 @@ class UserColdStart:
         rng = np.random.default_rng(self.seed)
         groups = self._split_keys(self._eligible(counts, data.name), rng, data.name)
         # rank of each interaction within its task, in a seeded random order
-        key = rng.random(len(key_col))
-        order = np.lexsort((key, key_col))
-        rank = np.empty(len(key_col), dtype=np.int64)
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        rank[order] = np.arange(len(key_col)) - starts[key_col[order]]
+        rank = random_rank(key_col, rng)
         is_query = rank < self.n_query
         is_support = ~is_query
         if self.n_support is not None:
@@ -129,6 +125,31 @@ class UserColdStart:
         parts = [taskset_by_key(data, key_col, n_keys, g, rank, is_support, is_query, self.task_key)
                  for g in groups]
         return TaskSplits(*parts)
+
+
+def random_rank(key_col: np.ndarray, rng: np.random.Generator, select: np.ndarray | None = None) -> np.ndarray:
+    """Position of each row within its key (task) in a seeded random order.
+
+    Draws ``rng.random(N)`` once (always N values, so the stream does not depend on ``select``).
+
+    Args:
+        key_col: int array ``[N]``, the task key of each row.
+        rng: the split's generator.
+        select: optional bool array ``[N]``; only these rows are ranked.
+
+    Returns:
+        int64 array ``[N]``: ``0..n_k-1`` over the selected rows of each key, ``-1`` elsewhere.
+    """
+    noise = rng.random(len(key_col))
+    idx = np.arange(len(key_col)) if select is None else np.flatnonzero(select)
+    order = idx[np.lexsort((noise[idx], key_col[idx]))]
+    keys = key_col[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = keys[1:] != keys[:-1]
+    run_start = np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
+    rank = np.full(len(key_col), -1, dtype=np.int64)
+    rank[order] = np.arange(len(order)) - run_start
+    return rank
 
 
 def taskset_by_key(
