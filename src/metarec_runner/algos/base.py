@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from metarec_runner.algos.compat import check_compatible
 from metarec_runner.algos.functional import (
+    LOSSES,
     Params,
     batched_forward,
     expand_params,
@@ -21,13 +23,35 @@ from metarec_runner.algos.functional import (
     fixed_input_pays_off,
     has_fixed_input_path,
     inner_loop,
+    masked_loss,
 )
-from metarec_runner.errors import ConfigError, require_choice, require_positive
+from metarec_runner.algos.touched import TouchedFastWeights, supports_touched_rows, touched_inner_loop
+from metarec_runner.errors import (
+    ConfigError,
+    require_choice,
+    require_non_negative,
+    require_positive,
+)
 from metarec_runner.tasks.taskset import TaskBatch
 
 SCOPES = ("head", "all")
 """``head``: adapt the MLP only, on precomputed embeddings (MeLU's local update, ANIL).
-``all``: adapt every parameter, embedding tables included."""
+``all``: adapt every parameter, embedding tables included (on each task's touched rows only,
+see ``algos.touched``, when the model supports it and ``touched_rows`` is on)."""
+
+AUX_LOSSES = ("none", "support")
+"""Auxiliary meta-objective terms: ``support`` = the base model's loss on the support sets
+before adaptation (a global-model regulariser), weighted by ``aux_weight``."""
+
+FastWeights = Params | TouchedFastWeights
+"""Per-task fast weights: ``{name: [B, *shape]}``, or touched-row weights (``adapt: all``)."""
+
+
+def task_mean(fast: FastWeights, name: str) -> Tensor:
+    """Mean over tasks of parameter ``name``'s fast weights, ``[*shape]``."""
+    if isinstance(fast, TouchedFastWeights):
+        return fast.task_mean(name)
+    return fast[name].mean(0)
 
 
 @dataclass
@@ -38,7 +62,7 @@ class AdaptedScorer:
     """
 
     algo: MetaAlgorithm
-    params: Params | None
+    params: FastWeights | None
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
@@ -120,6 +144,11 @@ class MetaAlgorithm:
         model: a model with ``body(x)`` and ``head`` (see ``models.preference``).
         meta_optimizer: a partial ``torch.optim`` constructor (Hydra ``_partial_: true``).
         adapt: adaptation scope, ``head`` or ``all``.
+        touched_rows: with ``adapt: all``, adapt each task's touched embedding rows only
+            (``algos.touched``: the same numbers as full tables, no per-task table copies);
+            ignored for models without the touched-row protocol, which adapt full tables.
+        loss: ``mse`` (ratings) or ``bce`` (0/1 labels, predictions are logits), in the inner
+            and the outer loop.
     """
 
     #: whether ``adapt`` changes anything (False for non-adaptive baselines)
@@ -130,10 +159,16 @@ class MetaAlgorithm:
         model: nn.Module,
         meta_optimizer: Callable[..., torch.optim.Optimizer],
         adapt: str = "head",
+        touched_rows: bool = True,
+        loss: str = "mse",
     ) -> None:
         require_choice("adapt", adapt, SCOPES)
+        require_choice("loss", loss, LOSSES)
         self.model = model
         self.scope = adapt
+        check_compatible(self, model)  # algos.compat: one-line error for an incompatible model
+        self.touched_rows = bool(touched_rows)
+        self.loss = loss
         try:
             self.optimizer = meta_optimizer(params=list(model.parameters()))
         except ValueError as e:  # torch.optim validates its own arguments (lr < 0, betas, ...)
@@ -145,16 +180,34 @@ class MetaAlgorithm:
         """The module whose parameters get per-task fast weights."""
         return self.model.head if self.scope == "head" else self.model
 
+    @property
+    def uses_touched_rows(self) -> bool:
+        """Whether ``adapt: all`` runs on touched rows (see :mod:`metarec_runner.algos.touched`)."""
+        return self.scope == "all" and self.touched_rows and supports_touched_rows(self.model)
+
     def inputs(self, x: Tensor) -> Tensor:
         """Inputs of :attr:`adapted_module` for feature rows ``x [B, L, F]``."""
         return self.model.body(x) if self.scope == "head" else x
+
+    def check_labels(self, batch: TaskBatch) -> None:
+        """``bce`` needs 0/1 labels: raise a ConfigError naming ``loss`` otherwise."""
+        if self.loss != "bce":
+            return
+        for y, m in ((batch.support_y, batch.support_mask), (batch.query_y, batch.query_mask)):
+            y = y[m]
+            if y.numel() and (bool((y < 0).any()) or bool((y > 1).any())):
+                raise ConfigError("loss", "bce needs labels in [0, 1], got ratings up to "
+                                  f"{float(y.max()):g}; use loss=mse or binary feedback")
 
     def uses_fixed_input_path(
         self, lr: float | Mapping[str, Tensor], support_len: int, steps: int
     ) -> bool:
         """Whether the inner loop takes the exact fixed-input fast path: the adapted module
         supports :func:`~metarec_runner.algos.functional.fixed_input_inner_loop`, the step
-        size is a scalar, and the path is cheaper for support sets of ``support_len`` rows."""
+        size is a scalar, and the path is cheaper for support sets of ``support_len`` rows.
+
+        Per-parameter step sizes (Meta-SGD) take the generic path: the first layer's update
+        ``A * (coef^T support)`` (elementwise ``A``) has no kernel form."""
         module = self.adapted_module
         return (
             not isinstance(lr, Mapping)
@@ -163,18 +216,25 @@ class MetaAlgorithm:
         )
 
     def adapt_fast(
-        self, batch: TaskBatch, lr: float, steps: int, create_graph: bool, detach: bool
-    ) -> tuple[Params, list[Tensor]]:
+        self, batch: TaskBatch, lr: float | Mapping[str, Tensor], steps: int,
+        create_graph: bool, detach: bool,
+    ) -> tuple[FastWeights, list[Tensor]]:
         """Fast weights for every task of ``batch`` after ``steps`` support SGD steps.
 
         Returns:
-            ``({name: [B, *shape]}, [per-task support loss [B] before each step])``.
+            ``(fast weights, [per-task support loss [B] before each step])``; fast weights are
+            ``{name: [B, *shape]}`` or, with touched rows, a :class:`TouchedFastWeights`
+            (a mapping with the same entries, see :meth:`predict`).
         """
+        if self.uses_touched_rows:
+            return touched_inner_loop(self.model, batch.support_x, batch.support_y,
+                                      batch.support_mask, lr, steps, create_graph, detach,
+                                      self.loss)
         inputs = self.inputs(batch.support_x)
         if self.uses_fixed_input_path(lr, batch.support_x.shape[1], steps):
             fast, losses = fixed_input_inner_loop(
                 self.adapted_module, inputs, batch.support_y, batch.support_mask, lr, steps,
-                create_graph, detach,
+                create_graph, detach, self.loss,
             )
             return fast.materialize(), losses
         params = expand_params(self.adapted_module, batch.size, detach=detach)
@@ -182,11 +242,11 @@ class MetaAlgorithm:
             inputs = inputs.detach() if inputs.is_floating_point() else inputs
         return inner_loop(
             self.adapted_module, params, inputs, batch.support_y, batch.support_mask,
-            lr, steps, create_graph,
+            lr, steps, create_graph, self.loss,
         )
 
     def adapt_and_score(
-        self, batch: TaskBatch, lr: float, steps: int, create_graph: bool
+        self, batch: TaskBatch, lr: float | Mapping[str, Tensor], steps: int, create_graph: bool
     ) -> tuple[Tensor, list[Tensor]]:
         """Query scores after ``steps`` support SGD steps, differentiable w.r.t. the model.
 
@@ -197,6 +257,12 @@ class MetaAlgorithm:
         Returns:
             ``(scores [B, Q], [per-task support loss [B] before each step])``.
         """
+        if self.uses_touched_rows:
+            fast, losses = touched_inner_loop(
+                self.model, batch.support_x, batch.support_y, batch.support_mask, lr, steps,
+                create_graph, loss=self.loss,
+            )
+            return fast.forward(batch.query_x), losses
         rows = torch.cat([batch.support_x, batch.query_x], 1)
         support, query = self.inputs(rows).split(
             [batch.support_x.shape[1], batch.query_x.shape[1]], dim=1
@@ -204,20 +270,22 @@ class MetaAlgorithm:
         if self.uses_fixed_input_path(lr, batch.support_x.shape[1], steps):
             fast, losses = fixed_input_inner_loop(
                 self.adapted_module, support, batch.support_y, batch.support_mask, lr, steps,
-                create_graph,
+                create_graph, loss=self.loss,
             )
             return fast.forward(query), losses
         params = expand_params(self.adapted_module, batch.size)
         params, losses = inner_loop(
             self.adapted_module, params, support, batch.support_y, batch.support_mask, lr,
-            steps, create_graph,
+            steps, create_graph, self.loss,
         )
         return batched_forward(self.adapted_module, params, query), losses
 
-    def predict(self, params: Params | None, x: Tensor) -> Tensor:
+    def predict(self, params: FastWeights | None, x: Tensor) -> Tensor:
         """Scores ``[B, L]`` for rows ``x [B, L, F]`` with per-task ``params`` (None = base)."""
         if params is None:
             return self.model(x)
+        if isinstance(params, TouchedFastWeights):
+            return params.forward(x)
         return batched_forward(self.adapted_module, params, self.inputs(x))
 
     # -- the rules an algorithm defines ---------------------------------------------------
@@ -237,11 +305,15 @@ class MetaAlgorithm:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 
-    def sgd_adapt(self, batch: TaskBatch, lr: float, steps: int) -> AdaptedScorer:
+    def sgd_adapt(
+        self, batch: TaskBatch, lr: float | Mapping[str, Tensor], steps: int
+    ) -> AdaptedScorer:
         """Test-time adaptation: ``steps`` SGD steps on each support set, starting from the
         current weights, with no graph back to them (the model is left unchanged)."""
         with torch.enable_grad():
             fast, _ = self.adapt_fast(batch, lr, steps, create_graph=False, detach=True)
+        if isinstance(fast, TouchedFastWeights):
+            return AdaptedScorer(self, fast.detach())
         return AdaptedScorer(self, {n: p.detach() for n, p in fast.items()})
 
     def _outer_update(self, loss: Tensor) -> None:
@@ -254,10 +326,12 @@ class SupportSGD(MetaAlgorithm):
     """An algorithm that adapts by SGD on each task's support set (the MAML family, Reptile).
 
     Args:
-        model, meta_optimizer, adapt: see :class:`MetaAlgorithm`.
+        model, meta_optimizer, adapt, touched_rows, loss: see :class:`MetaAlgorithm`.
         inner_lr: inner SGD step size.
         inner_steps: inner steps during meta-training.
         eval_inner_steps: inner steps at validation/test time (None = ``inner_steps``).
+        aux_loss: ``none`` or ``support`` (see :data:`AUX_LOSSES`).
+        aux_weight: weight of the auxiliary term in the meta-objective (0 = off).
     """
 
     def __init__(
@@ -268,15 +342,38 @@ class SupportSGD(MetaAlgorithm):
         inner_lr: float,
         inner_steps: int,
         eval_inner_steps: int | None,
+        touched_rows: bool = True,
+        loss: str = "mse",
+        aux_loss: str = "none",
+        aux_weight: float = 0.0,
     ) -> None:
-        super().__init__(model, meta_optimizer, adapt)
+        super().__init__(model, meta_optimizer, adapt, touched_rows, loss)
         require_positive("inner_lr", inner_lr)
         require_positive("inner_steps", inner_steps)
         if eval_inner_steps is not None:
             require_positive("eval_inner_steps", eval_inner_steps)
+        require_choice("aux_loss", aux_loss, AUX_LOSSES)
+        require_non_negative("aux_weight", aux_weight)
         self.inner_lr = float(inner_lr)
         self.inner_steps = int(inner_steps)
         self.eval_inner_steps = int(eval_inner_steps or inner_steps)
+        self.aux_loss = aux_loss
+        self.aux_weight = float(aux_weight)
+
+    @property
+    def uses_aux(self) -> bool:
+        """Whether the meta-objective has an auxiliary term."""
+        return self.aux_loss != "none" and self.aux_weight > 0
+
+    def step_sizes(self) -> float | Mapping[str, Tensor]:
+        """Inner step size(s): the scalar ``inner_lr`` (Meta-SGD: learned per-parameter ones)."""
+        return self.inner_lr
+
+    def aux_objective(self, batch: TaskBatch) -> Tensor:
+        """Sum over the ``B`` tasks of the auxiliary term (``support``: the base model's
+        per-task support loss before adaptation); differentiable w.r.t. the model."""
+        pred = self.model(batch.support_x)
+        return masked_loss(pred, batch.support_y, batch.support_mask, self.loss).sum()
 
     def adapt(self, batch: TaskBatch) -> AdaptedScorer:
         return self.sgd_adapt(batch, self.inner_lr, self.eval_inner_steps)

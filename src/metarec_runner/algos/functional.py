@@ -77,6 +77,29 @@ def batched_forward(module: nn.Module, params: Params, inputs: Tensor) -> Tensor
     return vmap(one_task, in_dims=(0, 0))(params, inputs)
 
 
+LOSSES = ("mse", "bce")
+"""``mse``: squared error on ratings. ``bce``: binary cross-entropy on 0/1 labels, predictions
+are logits (implicit feedback)."""
+
+
+def pointwise_loss(pred: Tensor, target: Tensor, kind: str = "mse") -> Tensor:
+    """Elementwise loss ``[B, L]`` of predictions ``pred`` against ``target`` (both ``[B, L]``).
+
+    ``mse``: ``(pred - target)^2``. ``bce``: ``-(y log sigmoid(pred) + (1 - y) log(1 -
+    sigmoid(pred)))``, computed stably from the logits ``pred``.
+    """
+    if kind == "mse":
+        return (pred - target).square()
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(pred, target, reduction="none")
+    raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
+
+
+def masked_loss(pred: Tensor, target: Tensor, mask: Tensor, kind: str = "mse") -> Tensor:
+    """Per-task mean of :func:`pointwise_loss` over real rows: ``[B, L]`` -> ``[B]``."""
+    return (pointwise_loss(pred, target, kind) * row_weights(mask, pred.dtype)).sum(-1)
+
+
 def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     """Per-task mean squared error over real (unpadded) rows.
 
@@ -117,6 +140,7 @@ def inner_loop(
     lr: float | Mapping[str, Tensor],
     steps: int,
     create_graph: bool,
+    loss: str = "mse",
 ) -> tuple[Params, list[Tensor]]:
     """``steps`` SGD steps on every task's support loss, all tasks at once.
 
@@ -129,6 +153,7 @@ def inner_loop(
         steps: number of inner steps ``K``.
         create_graph: keep the updates differentiable (second order); False = first order
             (gradients are constants, so the meta-gradient skips the Hessian terms).
+        loss: ``mse`` or ``bce`` (see :func:`pointwise_loss`).
 
     Returns:
         ``(adapted params, [per-task support loss [B] before each step])``.
@@ -138,11 +163,11 @@ def inner_loop(
     weights = row_weights(mask, target.dtype)
     for _ in range(steps):
         pred = batched_forward(module, params, inputs)
-        loss = ((pred - target).square() * weights).sum(-1)
+        task_loss = (pointwise_loss(pred, target, loss) * weights).sum(-1)
         grads = torch.autograd.grad(
-            loss.sum(), [params[n] for n in names], create_graph=create_graph
+            task_loss.sum(), [params[n] for n in names], create_graph=create_graph
         )
-        losses.append(loss.detach())
+        losses.append(task_loss.detach())
         step_lr = lr if isinstance(lr, Mapping) else dict.fromkeys(names, lr)
         params = {n: _sgd(params[n], g, step_lr[n]) for n, g in zip(names, grads)}
     return params, losses
@@ -250,6 +275,7 @@ def fixed_input_inner_loop(
     steps: int,
     create_graph: bool,
     detach: bool = False,
+    loss: str = "mse",
 ) -> tuple[FixedInputFastWeights, list[Tensor]]:
     """:func:`inner_loop` from the module's own weights, exact, for modules whose first layer is
     a Linear on the (non-adapted) inputs and a scalar step size.
@@ -268,6 +294,7 @@ def fixed_input_inner_loop(
         create_graph: second order (see :func:`inner_loop`); in first order the first layer's
             updates ``coef^T support`` are constants, so ``support`` is detached.
         detach: start from detached copies (see :func:`expand_params`).
+        loss: ``mse`` or ``bce`` (see :func:`pointwise_loss`).
 
     Returns:
         ``(fast weights, [per-task support loss [B] before each step])``.
@@ -291,11 +318,11 @@ def fixed_input_inner_loop(
     losses: list[Tensor] = []
     for step in range(steps):
         pred = module.forward_rest(rest, z)
-        loss = ((pred - target).square() * weights).sum(-1)
+        task_loss = (pointwise_loss(pred, target, loss) * weights).sum(-1)
         delta, *grads = torch.autograd.grad(
-            loss.sum(), [z, *(rest[n] for n in rest_names)], create_graph=create_graph
+            task_loss.sum(), [z, *(rest[n] for n in rest_names)], create_graph=create_graph
         )
-        losses.append(loss.detach())
+        losses.append(task_loss.detach())
         rest = {n: _sgd(rest[n], g, lr) for n, g in zip(rest_names, grads)}
         coef = delta if coef is None else coef + delta
         if step + 1 < steps:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from metarec_runner.algos.base import SupportSGD, split_by_support_size
-from metarec_runner.algos.functional import masked_mse
+from metarec_runner.algos.functional import masked_loss
 from metarec_runner.errors import require_positive
 from metarec_runner.tasks.taskset import TaskBatch
 
@@ -20,9 +20,11 @@ from metarec_runner.tasks.taskset import TaskBatch
 class MAML(SupportSGD):
     """MAML: meta-learn an initialization that adapts to a task in a few SGD steps.
 
-    The meta-loss is the mean over tasks of each task's query MSE after ``inner_steps`` SGD
-    steps on its support set; gradients flow through the inner updates (second order) unless
-    ``first_order``.
+    The meta-loss is the mean over tasks of each task's query loss (MSE, or BCE with
+    ``loss: bce``) after ``inner_steps`` SGD steps on its support set; gradients flow through
+    the inner updates (second order) unless ``first_order``. The meta-objective adds
+    ``aux_weight`` times the mean auxiliary term (``aux_loss: support``: the base model's
+    support loss before adaptation).
 
     Args:
         model, meta_optimizer, adapt: see :class:`MetaAlgorithm`.
@@ -35,6 +37,7 @@ class MAML(SupportSGD):
             :func:`~metarec_runner.algos.base.split_by_support_size`); the meta-loss and its
             gradient are unchanged, less work goes into padding. Each group costs a fixed
             overhead; 2 was fastest for 32 tasks with 20-90 support rows (1 = no split).
+        touched_rows, loss, aux_loss, aux_weight: see :class:`SupportSGD`.
     """
 
     def __init__(
@@ -47,8 +50,13 @@ class MAML(SupportSGD):
         eval_inner_steps: int | None = None,
         first_order: bool = False,
         chunks: int = 2,
+        touched_rows: bool = True,
+        loss: str = "mse",
+        aux_loss: str = "none",
+        aux_weight: float = 0.0,
     ) -> None:
-        super().__init__(model, meta_optimizer, adapt, inner_lr, inner_steps, eval_inner_steps)
+        super().__init__(model, meta_optimizer, adapt, inner_lr, inner_steps, eval_inner_steps,
+                         touched_rows, loss, aux_loss, aux_weight)
         require_positive("chunks", chunks)
         self.first_order = bool(first_order)
         self.chunks = int(chunks)
@@ -60,17 +68,31 @@ class MAML(SupportSGD):
         :func:`~metarec_runner.algos.base.split_by_support_size` and divided by ``B``.
         """
         query_loss = support_loss = None
+        lr = self.step_sizes()
         for part in split_by_support_size(batch, self.chunks):
             pred, inner_losses = self.adapt_and_score(
-                part, self.inner_lr, self.inner_steps, create_graph=not self.first_order
+                part, lr, self.inner_steps, create_graph=not self.first_order
             )
-            q = masked_mse(pred, part.query_y, part.query_mask).sum()
+            q = masked_loss(pred, part.query_y, part.query_mask, self.loss).sum()
             s = inner_losses[0].sum()
             query_loss = q if query_loss is None else query_loss + q
             support_loss = s if support_loss is None else support_loss + s
         return query_loss / batch.size, support_loss / batch.size
 
-    def meta_step(self, batch: TaskBatch) -> dict[str, float]:
+    def meta_objective(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The differentiable outer objective ``meta_loss + aux_weight * aux`` and its parts
+        (``loss``: mean query loss, ``inner_loss``, and ``aux_loss`` when used)."""
         loss, inner = self.meta_loss(batch)
-        self._outer_update(loss)
-        return {"loss": loss.item(), "inner_loss": inner.item()}
+        parts = {"loss": loss, "inner_loss": inner}
+        objective = loss
+        if self.uses_aux:
+            aux = self.aux_objective(batch) / batch.size
+            parts["aux_loss"] = aux
+            objective = loss + self.aux_weight * aux
+        return objective, parts
+
+    def meta_step(self, batch: TaskBatch) -> dict[str, float]:
+        self.check_labels(batch)
+        objective, parts = self.meta_objective(batch)
+        self._outer_update(objective)
+        return {k: v.item() for k, v in parts.items()}

@@ -2,31 +2,52 @@
 
 Never used for training: it exists so tests can check the batched core against it to float64
 precision, and so ``scripts/bench_meta_step.py`` can time the loop the batched core replaces.
+It always adapts full parameter tensors (whole embedding tables with ``adapt: all``), so it is
+also the reference for touched-row adaptation; per-parameter step sizes cover Meta-SGD.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 from torch.func import functional_call
 
 from metarec_runner.algos.base import MetaAlgorithm
+from metarec_runner.algos.functional import pointwise_loss
 from metarec_runner.tasks.taskset import TaskBatch
 
 
 def per_task_meta_loss(
-    algo: MetaAlgorithm, batch: TaskBatch, lr: float, steps: int, first_order: bool
+    algo: MetaAlgorithm,
+    batch: TaskBatch,
+    lr: float | Mapping[str, Tensor],
+    steps: int,
+    first_order: bool,
+    loss: str = "mse",
+    aux_weight: float = 0.0,
 ) -> Tensor:
-    """Mean over tasks of the query MSE after ``steps`` SGD steps, one task at a time.
+    """Mean over tasks of the query loss after ``steps`` SGD steps, one task at a time.
 
     Each task is cut to its real (unpadded) rows; fast weights are a dict per task; inner
     gradients use ``torch.autograd.grad`` with ``create_graph=not first_order``.
 
+    Args:
+        algo: supplies the model, the adaptation scope and the inputs.
+        batch: ``B`` padded tasks.
+        lr: scalar step size, or ``{name: step sizes shaped like the parameter}`` (Meta-SGD).
+        steps: inner steps; first_order: drop second-order terms.
+        loss: ``mse`` or ``bce`` (see ``functional.pointwise_loss``), inner and outer.
+        aux_weight: adds ``aux_weight`` times the mean over tasks of the base model's support
+            loss (``aux_loss: support``).
+
     Returns:
-        Scalar meta-loss, differentiable w.r.t. ``algo.model.parameters()``.
+        Scalar meta-objective, differentiable w.r.t. ``algo.model.parameters()`` (and ``lr``).
     """
     module = algo.adapted_module
     base = dict(module.named_parameters())
+    step = lr if isinstance(lr, Mapping) else dict.fromkeys(base, lr)
     total = torch.zeros((), dtype=batch.support_y.dtype)
     for b in range(batch.size):
         s_n = int(batch.support_mask[b].sum())
@@ -36,8 +57,11 @@ def per_task_meta_loss(
         s_y, q_y = batch.support_y[b, :s_n], batch.query_y[b, :q_n]
         fast = dict(base)
         for _ in range(steps):
-            loss = ((functional_call(module, fast, (s_in,)) - s_y) ** 2).mean()
-            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
-            fast = {n: w - lr * g for (n, w), g in zip(fast.items(), grads)}
-        total = total + ((functional_call(module, fast, (q_in,)) - q_y) ** 2).mean()
+            inner = pointwise_loss(functional_call(module, fast, (s_in,)), s_y, loss).mean()
+            grads = torch.autograd.grad(inner, list(fast.values()), create_graph=not first_order)
+            fast = {n: w - step[n] * g for (n, w), g in zip(fast.items(), grads)}
+        total = total + pointwise_loss(functional_call(module, fast, (q_in,)), q_y, loss).mean()
+        if aux_weight:
+            aux = pointwise_loss(algo.model(batch.support_x[b, :s_n]), s_y, loss).mean()
+            total = total + aux_weight * aux
     return total / batch.size

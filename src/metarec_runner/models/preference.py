@@ -171,3 +171,35 @@ class PreferenceEstimator(nn.Module):
         task = torch.arange(x.shape[0], device=x.device).view(-1, 1, 1)
         h = self._pool(table[task, codes], present)  # [B, L, F*d]
         return self.head.forward_batched(params, h, prefix="head.")
+
+    # -- touched-row adaptation (algos.touched): per-task tables of the rows a task reads --------
+    #: the parameter whose rows are gathered per task
+    table_name = "embedding.weight"
+
+    def table_rows(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Rows of :attr:`table_name` that feature rows ``x [..., F_all]`` read.
+
+        Returns:
+            ``(codes [..., C], present [..., C] bool or None)``: one table row per column;
+            ``present`` is False on bag padding (those columns contribute nothing).
+        """
+        return self._codes(x)
+
+    def forward_rows(self, params: dict[str, Tensor], emb: Tensor, keep: Tensor | None) -> Tensor:
+        """Scores from looked-up column embeddings, with per-task head weights.
+
+        Args:
+            params: ``{"head.<name>": [B, *shape]}`` per-task head weights.
+            emb: ``[B, L, C, d]`` the embedding of every column of every row.
+            keep: ``[B, L, C]`` bool or None; False columns contribute nothing.
+
+        Returns:
+            ``[B, L]``; with ``emb`` gathered from the table this is :meth:`forward_batched`.
+        """
+        if keep is not None:
+            emb = emb * keep.unsqueeze(-1).to(emb.dtype)
+        if self.has_bags:
+            h = torch.matmul(self.bag_sum.to(emb.dtype), emb).flatten(-2)
+        else:
+            h = emb.flatten(-2)
+        return self.head.forward_batched(params, h, prefix="head.")
