@@ -163,9 +163,9 @@ def test_four_states_seeded(toy):
 
 def test_four_states_impossible_settings_name_the_key():
     data = tiny_four_states()
-    with pytest.raises(DataError, match="no new users.*splitter.user_cut"):
+    with pytest.raises(DataError, match="no new users.*lower splitter.user_cut"):
         FourStates(state="user_cold", cut="time", user_cut=10_000, n_query=2, min_interactions=3)(data)
-    with pytest.raises(DataError, match="no new items.*splitter.item_cut"):
+    with pytest.raises(DataError, match="no new items.*lower splitter.item_cut"):
         FourStates(state="item_cold", cut="time", user_cut=100, item_cut=10_000, n_query=2,
                    min_interactions=3)(data)
     with pytest.raises(ConfigError, match="splitter.state.*warm"):

@@ -82,7 +82,7 @@ class FourStates(UserColdStart):
         self,
         state: str = "user_cold",
         cut: str = "quantile",
-        user_cut: float = 0.8,
+        user_cut: float = 0.5,
         item_cut: float | None = None,
         ratios: Sequence[float] = (0.7, 0.1, 0.2),
         n_query: int = 10,
@@ -128,8 +128,9 @@ class FourStates(UserColdStart):
     def _pool(self, counts: np.ndarray, members: np.ndarray, what: str, key: str, name: str) -> np.ndarray:
         """Eligible user codes among ``members`` (bool ``[n_users]``) by ``counts`` (``[n_users]``)."""
         if not members.any():
+            move = "lower" if what.startswith("new") else "raise"
             raise DataError(f"splitter FourStates: dataset {name!r} has no {what} at "
-                            f"splitter.{key}={getattr(self, key)} (cut={self.cut}); move splitter.{key}")
+                            f"splitter.{key}={getattr(self, key)} (cut={self.cut}); {move} splitter.{key}")
         masked = np.where(members, counts, 0)
         if not (masked >= self.min_interactions).any():
             raise DataError(
@@ -153,7 +154,8 @@ class FourStates(UserColdStart):
         item_what = "new items" if state_items_new else "existing items"
         if not state_item.any():
             raise DataError(f"splitter FourStates: dataset {data.name!r} has no {item_what} at "
-                            f"splitter.item_cut={self.item_cut} (cut={self.cut}); move splitter.item_cut")
+                            f"splitter.item_cut={self.item_cut} (cut={self.cut}); "
+                            f"{'lower' if state_items_new else 'raise'} splitter.item_cut")
         members = ~old_user if state_users_new else old_user
         pool = self._pool(state_counts, members, f"{user_what} rating {item_what}", "user_cut", data.name)
         rng = np.random.default_rng(self.seed)
