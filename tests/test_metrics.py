@@ -392,7 +392,8 @@ def test_reference_scorers_on_the_same_items():
     ev = QueryEvaluator(ks=(2,), metrics=("rmse", "precision", "ndcg"), relevance="top_n", top_n=2)
     target = torch.tensor([[5.0, 4.0, 1.0, 1.0], [2.0, 2.0, 5.0, 3.0]])
     mask = torch.ones_like(target, dtype=torch.bool)
-    out = ev.reference_metrics(target, mask, torch.Generator().manual_seed(0))
+    relevant = ev.relevant(target, mask)
+    out = ev.reference_metrics(target, mask, relevant, mask, torch.Generator().manual_seed(0))
     assert not any(k.endswith("rmse") for k in out)
     assert torch.equal(out["ref/oracle/precision_at_2"], torch.ones(2))
     # constant scores + position ties: the first two query items are "ranked" first

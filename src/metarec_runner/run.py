@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from metarec_runner.errors import ConfigError, MetarecError
+from metarec_runner.evaluate.candidates import Catalog
 from metarec_runner.paths import conf_dir, group_options
 from metarec_runner.runner import Runner
 from metarec_runner.tracking import flatten_config
@@ -84,11 +85,16 @@ class Prepared:
         if self.trainer.monitor not in known:
             raise ConfigError("trainer.monitor", f"{self.trainer.monitor!r} is not computed; choose one "
                               f"of {', '.join(known)}")
-        self.evaluator.check_query_size(int(min(self.splits.val.query_sizes.min(), self.splits.test.query_sizes.min())))
+        self.evaluator.bind(Catalog.from_interactions(self.data))
+        for split in ("val", "test"):
+            self.evaluator.check_tasks(getattr(self.splits, split), split)
         mean = float(self.splits.train.support_y.mean())
         model = build("model", cfg.model, schema=self.data.schema, rating_mean=mean)
         self.model = model.to(device=self.device, dtype=self.dtype)
         self.algo = build("algo", cfg.algo, model=self.model)
+        if self.evaluator.adaptation_steps and not hasattr(self.algo, "eval_inner_steps"):
+            raise ConfigError("evaluator.adaptation_steps", f"algo {type(self.algo).__name__} takes no inner "
+                              "steps; set evaluator.adaptation_steps=[]")
         self.tracker = build("logger", cfg.logger)
 
 
@@ -162,6 +168,21 @@ def _start_tracking(prep: "Prepared", cfg: DictConfig, hc) -> None:
         raise ConfigError("logger.tracking_uri", f"cannot start an MLflow run at {uri}: {first}") from None
 
 
+def _curves(prep: Prepared, test_tasks, out_dir: Path, step: int) -> list[str]:
+    """The few-shot and adaptation curves the evaluator asks for, logged and written as CSV."""
+    from metarec_runner.evaluate.curves import adaptation_curve, few_shot_curve
+
+    written = []
+    for name, wanted, make in (("few_shot.csv", prep.evaluator.shots, few_shot_curve),
+                               ("adaptation.csv", prep.evaluator.adaptation_steps, adaptation_curve)):
+        if wanted:
+            frame, summary = make(prep.evaluator, prep.algo, test_tasks, prep.device, wanted)
+            prep.tracker.log_metrics(summary, step=step)
+            frame.to_csv(out_dir / name, index=False)
+            written.append(name)
+    return written
+
+
 def train_task(cfg: DictConfig) -> float:
     """Run one experiment; returns the best value of ``trainer.monitor`` (for sweepers)."""
     hc = HydraConfig.get()
@@ -193,6 +214,7 @@ def train_task(cfg: DictConfig) -> float:
         fit = runner.fit(splits.train, splits.val)
         test = runner.test(splits.test)
         prep.tracker.log_metrics(test.summary, step=fit.best_epoch)
+        curve_files = _curves(prep, splits.test, out_dir, fit.best_epoch)
         prep.tracker.log_metrics({"val/best_epoch": fit.best_epoch}, step=fit.best_epoch)
         (out_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
         (out_dir / "metrics.json").write_text(json.dumps(
@@ -203,7 +225,7 @@ def train_task(cfg: DictConfig) -> float:
         import pandas as pd
         pd.DataFrame(fit.history).to_csv(out_dir / "history.csv", index=False)
         for name in ("config_resolved.yaml", "metrics.json", "per_task.csv", "by_support_size.csv",
-                     "history.csv"):
+                     "history.csv", *curve_files):
             prep.tracker.log_artifact(out_dir / name)
         if (out_dir / ".hydra").is_dir():
             prep.tracker.log_artifacts(out_dir / ".hydra", artifact_path="hydra")

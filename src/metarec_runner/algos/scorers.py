@@ -291,9 +291,10 @@ class OracleScorer(ReferenceScorer):
     ``adapt(batch)`` keeps a lookup table of every (task, item) rating in the batch's query and
     support sets (the query rating wins if an item is in both); ``predict(x)`` returns, for each
     row of ``x [B, L, F]`` (task ``b`` = row ``b`` of the batch), the rating of its item in task
-    ``b``. Rows that are entirely zero and unknown are padding and score 0. Any other item whose
-    rating is unknown raises :class:`TrainingError`: the oracle only makes sense when every
-    candidate is a rated item (query-only candidates).
+    ``b``. Any item whose rating the task does not know (an unrated candidate under full or
+    sampled ranking, or padding) scores one below the lowest known rating (and below 0), so the
+    oracle ranks every rated query item first: the ceiling of ranking metrics under every
+    protocol.
 
     Args:
         model: kept for the runner (dtype); not used.
@@ -327,17 +328,8 @@ class OracleScorer(ReferenceScorer):
         found = (items < stride) & (keys.numel() > 0)
         if keys.numel():
             found = found & (keys[pos] == query)
-        padding = ~x.bool().any(-1)
-        unknown = ~found & ~padding
-        if bool(unknown.any()):
-            b, j = (int(v) for v in unknown.nonzero()[0])
-            raise TrainingError(
-                f"the oracle was asked to score item {int(items[b, j])} for task {b}, whose rating "
-                "is not in that task's query or support set; the oracle only works with "
-                "query-only candidates (evaluator=query)"
-            )
         if not keys.numel():  # nothing rated: every row is padding
             return torch.zeros(items.shape, dtype=_dtype(self.model), device=x.device)
-        zero = torch.zeros((), dtype=ratings.dtype, device=x.device)
-        out = torch.where(found, ratings[pos], zero)
+        lowest = (ratings.min().clamp(max=0.0) - 1.0).to(ratings.dtype)
+        out = torch.where(found, ratings[pos], lowest)
         return out.to(_dtype(self.model))

@@ -1,12 +1,19 @@
-"""QueryEvaluator: adapt on each test task's support set, score its query items.
+"""Evaluator: adapt on each task's support set, then rank candidates and score the query items.
 
-Protocol: the candidates are the task's own query items; rating metrics are MAE and RMSE per
-task; ranking metrics (NDCG@k, graded NDCG@k, Recall@k, Precision@k, HR@k, MRR@k, AUC) use
-binary relevance from :func:`metarec_runner.evaluate.metrics.relevance`: ``rating >=
-relevance_threshold`` (``relevance: threshold``) or the ``top_n`` highest true ratings of each
-task (``relevance: top_n``; the RecBole-MetaRec peer protocol is ``top_n: 5`` over 10 query items
-with ``tie_break: position``). The full protocol family (all-unseen and sampled candidates,
-reference scorers) comes with the cold-start protocol work.
+Rating metrics (MAE, RMSE) are always computed on the task's query items, whose ratings are
+known. Ranking metrics (NDCG@k, graded NDCG@k, Recall@k, Precision@k, HR@k, MRR@k, AUC) rank the
+candidates of the chosen protocol (:mod:`metarec_runner.evaluate.candidates`): ``all_unseen``
+(every item the user did not rate outside the query: the realistic default), ``sampled`` (the
+query items plus ``n_negatives`` never-rated items) or ``query_only`` (the query items alone,
+as older papers and the RecBole-MetaRec peer do). Binary relevance comes from
+:func:`metarec_runner.evaluate.metrics.relevance` on the query items: ``rating >=
+relevance_threshold`` or the ``top_n`` highest query ratings with an explicit tie rule.
+
+Guards: when every task's candidates are all relevant (ranking metrics could not depend on the
+scores) the run is refused before training starts, and again at evaluation; a single such task
+is left out of the ranking means (NaN, counted in the per-task table's ``ranking_trivial``)
+just as a task without relevant items is; NaN or infinite scores
+raise :class:`~metarec_runner.errors.TrainingError`, which ends the MLflow run as FAILED.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import torch
 
 from metarec_runner.errors import ConfigError, TrainingError
 from metarec_runner.evaluate import metrics as M
+from metarec_runner.evaluate.candidates import PROTOCOLS, Catalog, build_candidates, check_protocol
 from metarec_runner.evaluate.summary import CI_METHODS, by_support_size, summarize
 from metarec_runner.tasks.taskset import TaskSet
 
@@ -46,10 +54,14 @@ _BINARY_AT_K = {
 }
 
 
-class QueryEvaluator:
-    """Scores adapted models on the query items of each task.
+class Evaluator:
+    """Scores adapted models under one evaluation protocol.
 
     Args:
+        protocol: candidates to rank: ``"all_unseen"``, ``"sampled"`` or ``"query_only"``
+            (see :mod:`metarec_runner.evaluate.candidates`). The first two need user tasks and
+            a :class:`Catalog` (:meth:`bind`).
+        n_negatives: ``protocol="sampled"``: never-rated items drawn per task (seeded by ``seed``).
         ks: cut-offs for the ``*_at_k`` metrics; for recall, hit and precision each must be below
             the query size, or the metric would not depend on the ranking (Recall@k = 1 when k >=
             the number of candidates).
@@ -65,15 +77,21 @@ class QueryEvaluator:
         graded_gain: gains of ``graded_ndcg``: ``"exp"`` (``2**rating - 1``) or ``"linear"``.
         ci: confidence intervals of the summary: ``"normal"`` or ``"bootstrap"`` (over tasks).
         references: on the test split, also score the random, constant and oracle scorers on the
-            same query items (``test/ref/<scorer>/<metric>``), so every report carries them.
+            same candidates (``test/ref/<scorer>/<metric>``), so every report carries them. The
+            oracle scores query items by their true rating and other candidates below all.
         n_boot: bootstrap resamples for ``ci="bootstrap"``.
-        seed: seeds the random tie-break (per evaluation call) and the bootstrap.
+        seed: seeds the random tie-break (per evaluation call), the sampled negatives and the
+            bootstrap.
+        shots: after the test pass, test again with every support set cut to its first k items
+            for each k (the few-shot curve, :func:`metarec_runner.evaluate.curves.few_shot_curve`).
+        adaptation_steps: after the test pass, test again with each number of inner steps (the
+            adaptation curve; gradient-based algorithms only).
     """
-
-    protocol = "query_only"
 
     def __init__(
         self,
+        protocol: str = "all_unseen",
+        n_negatives: int = 100,
         ks: Sequence[int] = (3, 5),
         relevance_threshold: float = 4.0,
         batch_size: int = 256,
@@ -86,7 +104,10 @@ class QueryEvaluator:
         references: bool = True,
         n_boot: int = 1000,
         seed: int = 0,
+        shots: Sequence[int] = (),
+        adaptation_steps: Sequence[int] = (),
     ) -> None:
+        check_protocol(protocol, n_negatives)
         if not ks or any(int(k) < 1 for k in ks):
             raise ConfigError("ks", f"must be a non-empty list of positive cut-offs, got {list(ks)}")
         metrics = [str(m) for m in metrics]
@@ -107,6 +128,15 @@ class QueryEvaluator:
             raise ConfigError("evaluator.ci", f"must be one of {list(CI_METHODS)}, got {ci!r}")
         if int(n_boot) < 1:
             raise ConfigError("evaluator.n_boot", f"must be >= 1, got {n_boot}")
+        if any(int(k) < 1 for k in shots):
+            raise ConfigError("evaluator.shots", f"support sizes must be >= 1, got {list(shots)}")
+        if any(int(k) < 0 for k in adaptation_steps):
+            raise ConfigError("evaluator.adaptation_steps", f"inner steps must be >= 0, got {list(adaptation_steps)}")
+        self.shots = tuple(int(k) for k in shots)
+        self.adaptation_steps = tuple(int(k) for k in adaptation_steps)
+        self.protocol = str(protocol)
+        self.n_negatives = int(n_negatives)
+        self.catalog: Catalog | None = None
         self.ks = tuple(int(k) for k in ks)
         self.threshold = float(relevance_threshold)
         self.batch_size = int(batch_size)
@@ -123,10 +153,58 @@ class QueryEvaluator:
             name for m in self.metrics for name in ([m] if m in _NO_CUTOFF else [f"{m}_at_{k}" for k in self.ks])
         ]
 
+    def bind(self, catalog: Catalog) -> Evaluator:
+        """Give the evaluator the catalog that full-ranking protocols draw candidates from."""
+        self.catalog = catalog
+        return self
+
+    def check_tasks(self, tasks: TaskSet, split: str) -> None:
+        """Refuse settings the tasks of ``split`` make meaningless, before anything is trained.
+
+        - full-ranking protocols need user tasks (a candidate set is one user's unseen items);
+        - cut-offs k >= the smallest candidate set for recall, hit and precision, and
+          ``relevance="top_n"`` with ``top_n`` >= the smallest query set;
+        - every task's candidates all relevant (checked on the query sets under ``query_only``;
+          under the other protocols unrated items are never relevant).
+        """
+        if len(tasks) == 0:
+            return
+        if self.protocol != "query_only":
+            if tasks.task_kind != "user":
+                raise ConfigError(
+                    "evaluator.protocol",
+                    f"protocol={self.protocol} ranks each user's unseen items, but the {split} tasks are "
+                    f"{tasks.task_kind}s; use evaluator=query_only with this splitter",
+                )
+            if self.catalog is None:
+                raise ConfigError("evaluator.protocol", f"protocol={self.protocol} needs the catalog "
+                                  "(Evaluator.bind(Catalog.from_interactions(data)))")
+        min_query = int(tasks.query_sizes.min())
+        min_candidates = {"query_only": min_query, "sampled": min_query + self.n_negatives}.get(
+            self.protocol, self.catalog.n_items if self.catalog is not None else min_query)
+        trivial = [m for m in self.metrics if m in _TRIVIAL_AT_K]
+        bad = [k for k in self.ks if k >= min_candidates] if trivial else []
+        if bad:
+            raise ConfigError(
+                "evaluator.ks",
+                f"cut-offs {bad} are >= the smallest candidate set ({min_candidates} items, protocol="
+                f"{self.protocol}): {', '.join(trivial)}@k would not depend on the ranking; use cut-offs "
+                f"below {min_candidates}, raise splitter.n_query or use another protocol",
+            )
+        if self.relevance == "top_n" and self.top_n >= min_query:
+            raise ConfigError(
+                "evaluator.top_n",
+                f"top_n={self.top_n} is >= the smallest query set ({min_query} items): every query item "
+                f"would be relevant; use top_n below {min_query} or raise splitter.n_query",
+            )
+        if self.protocol == "query_only":
+            full = tasks.batch(torch.arange(len(tasks)))
+            relevant = self.relevant(full.query_y, full.query_mask, torch.Generator().manual_seed(self.seed))
+            self._refuse_all_relevant(relevant, full.query_mask, tasks.task_ids, split)
+
     def check_query_size(self, min_query: int) -> None:
-        """Refuse settings that make ranking trivial for the smallest query set: cut-offs k >=
-        it for recall, hit and precision, and (``relevance="top_n"``) ``top_n`` >= it, which
-        would make every query item relevant."""
+        """Query-only cut-off checks for a smallest query set of ``min_query`` items (kept for
+        callers without a TaskSet; :meth:`check_tasks` does this and more)."""
         trivial = [m for m in self.metrics if m in _TRIVIAL_AT_K]
         bad = [k for k in self.ks if k >= min_query] if trivial else []
         if bad:
@@ -142,34 +220,62 @@ class QueryEvaluator:
                 f"would be relevant; use top_n below {min_query} or raise splitter.n_query",
             )
 
+    def _refuse_all_relevant(self, relevant: torch.Tensor, mask: torch.Tensor, task_ids: torch.Tensor,
+                             split: str) -> None:
+        """Raise if every task's candidates are exactly its relevant items (the protocol cannot
+        tell scores apart); single such tasks are only left out of the ranking means."""
+        trivial = _ranking_trivial(relevant, mask)
+        if len(trivial) and bool(trivial.all()):
+            raise ConfigError(
+                "evaluator.protocol",
+                f"every {split} task (e.g. task id {int(task_ids[0])}) has every candidate relevant under "
+                f"protocol={self.protocol} with relevance={self.relevance}: ranking metrics would not "
+                "depend on the scores; use evaluator=all_unseen or sampled, relevance=top_n, or a "
+                "higher relevance_threshold",
+            )
+
     def relevant(self, target: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Binary relevance ``Bool[B, Q]`` under this evaluator's rule."""
+        """Binary relevance ``Bool[B, Q]`` of query items under this evaluator's rule."""
         return M.relevance(
             target, mask, self.relevance, threshold=self.threshold, top_n=self.top_n, tie=self.tie_break,
             generator=generator,
         )
 
-    def task_metrics(
-        self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Every metric per task (``[B]`` each) for padded predictions ``[B, Q]``.
-
-        ``generator`` drives ``tie_break="random"``; ``None`` gives a fresh one seeded with ``seed``.
-        """
+    @staticmethod
+    def _check_finite(pred: torch.Tensor, mask: torch.Tensor) -> None:
         if not torch.isfinite(pred[mask]).all():
             raise TrainingError(
-                "the model produced NaN or infinite scores on query items; the run is invalid "
+                "the model produced NaN or infinite scores; the run is invalid "
                 "(lower the learning rates, e.g. algo.inner_lr or algo.meta_optimizer.lr)"
             )
-        if generator is None and self.tie_break == "random":
-            generator = torch.Generator().manual_seed(self.seed)
-        relevant = self.relevant(target, mask, generator)
+
+    def task_metrics(
+        self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None,
+        relevant: torch.Tensor | None = None, rating: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """Every metric per task (``[B]`` each) for padded scores ``[B, C]`` of candidates.
+
+        Args:
+            pred, target, mask: scores, true ratings (0 where unknown) and valid candidates.
+            generator: drives ``tie_break="random"``; ``None`` gives a fresh one seeded with ``seed``.
+            relevant: ``Bool[B, C]`` precomputed relevance; ``None`` = this evaluator's rule on
+                ``target`` (the candidates are the query items).
+            rating: also compute RMSE and MAE (only meaningful when the candidates are the
+                query items).
+        """
+        self._check_finite(pred, mask)
+        if relevant is None:
+            if generator is None and self.tie_break == "random":
+                generator = torch.Generator().manual_seed(self.seed)
+            relevant = self.relevant(target, mask, generator)
         out: dict[str, torch.Tensor] = {}
         for m in self.metrics:
             if m == "rmse":
-                out["rmse"] = M.rmse(pred, target, mask)
+                if rating:
+                    out["rmse"] = M.rmse(pred, target, mask)
             elif m == "mae":
-                out["mae"] = M.mae(pred, target, mask)
+                if rating:
+                    out["mae"] = M.mae(pred, target, mask)
             elif m == "auc":
                 out["auc"] = M.auc(pred, target, mask, relevant=relevant)
             elif m == "graded_ndcg":
@@ -180,28 +286,62 @@ class QueryEvaluator:
                     out[f"{m}_at_{k}"] = _BINARY_AT_K[m](pred, target, mask, k, relevant=relevant)
         return out
 
-    def evaluate(self, algo, tasks: TaskSet, split: str, device: torch.device) -> EvalResult:
-        """Adapt ``algo`` on every task of ``tasks`` and score the query items.
+    def _score_candidates(self, scorer, cands, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Scores ``[B, C]`` of every candidate, predicted in column chunks of bounded size."""
+        b, c = cands.items.shape
+        width = max(1, _MAX_ROWS // max(b, 1))
+        parts = []
+        for start in range(0, c, width):
+            stop = min(start + width, c)
+            parts.append(scorer.predict(cands.rows(self.catalog, start, stop).to(device)).to(dtype))
+        return torch.cat(parts, 1)
 
-        Returns per-task rows (task id, support/query sizes, metrics, and the Bayes-optimal
-        ``floor_rmse`` when the data knows it) plus ``{split/metric, split/metric_ci95}`` (and
-        ``_ci_lo``/``_ci_hi`` with ``ci="bootstrap"``).
+    def evaluate(self, algo, tasks: TaskSet, split: str, device: torch.device) -> EvalResult:
+        """Adapt ``algo`` on every task of ``tasks``, score the query items and rank the candidates.
+
+        Returns per-task rows (task id, support/query/candidate/relevant counts, metrics, and the
+        Bayes-optimal ``floor_rmse`` when the data knows it) plus ``{split/metric,
+        split/metric_ci95}`` (and ``_ci_lo``/``_ci_hi`` with ``ci="bootstrap"``).
         """
+        self.check_tasks(tasks, split)
         algo.model.eval()
-        columns: dict[str, list] = {"task_id": [], "n_support": [], "n_query": []}
+        columns: dict[str, list] = {"task_id": [], "n_support": [], "n_query": [], "n_candidates": [],
+                                    "n_relevant": [], "ranking_trivial": []}
         values: dict[str, list[torch.Tensor]] = {}
         dtype = next(algo.model.parameters()).dtype
         generator = torch.Generator().manual_seed(self.seed)  # same random tie-break every call
+        negatives = torch.Generator().manual_seed(self.seed + 2)  # same sampled negatives every call
         references = self.references and split == "test"
         ref_gen = torch.Generator().manual_seed(self.seed + 1)  # the random reference scorer
         for start in range(0, len(tasks), self.batch_size):
             idx = torch.arange(start, min(start + self.batch_size, len(tasks)))
-            batch = tasks.batch(idx).to(device, dtype)
+            cpu_batch = tasks.batch(idx)
+            batch = cpu_batch.to(device, dtype)
             scorer = algo.adapt(batch)
-            pred = scorer.predict(batch.query_x)
-            found = self.task_metrics(pred, batch.query_y, batch.query_mask, generator)
+            pred_q = scorer.predict(batch.query_x)
+            self._check_finite(pred_q, batch.query_mask)
+            rel_q = self.relevant(batch.query_y, batch.query_mask, generator)
+            if self.protocol == "query_only":
+                pred, target, mask, relevant = pred_q, batch.query_y, batch.query_mask, rel_q
+                is_query = mask
+            else:
+                cands = build_candidates(
+                    self.protocol, self.catalog, tasks.task_ids[idx], cpu_batch.query_x[..., -1],
+                    batch.query_y.cpu(), batch.query_mask.cpu(), rel_q.cpu(), self.n_negatives, negatives,
+                )
+                pred = self._score_candidates(scorer, cands, device, dtype)
+                target, mask = cands.target.to(device, dtype), cands.mask.to(device)
+                relevant, is_query = cands.relevant.to(device), cands.is_query.to(device)
+            trivial = _ranking_trivial(relevant, mask)
+            found = self.task_metrics(pred, target, mask, relevant=relevant, rating=False)
             if references:
-                found.update(self.reference_metrics(batch.query_y, batch.query_mask, ref_gen))
+                found.update(self.reference_metrics(target, mask, relevant, is_query, ref_gen))
+            for name in found:  # a ranking of all-relevant candidates says nothing: leave it out
+                found[name] = found[name].masked_fill(trivial, float("nan"))
+            if "rmse" in self.metrics:  # rating metrics: every query item counts
+                found["rmse"] = M.rmse(pred_q, batch.query_y, batch.query_mask)
+            if "mae" in self.metrics:
+                found["mae"] = M.mae(pred_q, batch.query_y, batch.query_mask)
             expected = tasks.query_expected_batch(idx)
             if expected is not None:
                 found["floor_rmse"] = M.rmse(expected.to(device, dtype), batch.query_y, batch.query_mask)
@@ -210,7 +350,13 @@ class QueryEvaluator:
             columns["task_id"].append(tasks.task_ids[idx])
             columns["n_support"].append(batch.support_mask.sum(-1).cpu())
             columns["n_query"].append(batch.query_mask.sum(-1).cpu())
+            columns["n_candidates"].append(mask.sum(-1).cpu())
+            columns["n_relevant"].append(relevant.sum(-1).cpu())
+            columns["ranking_trivial"].append(trivial.cpu())
         frame = pd.DataFrame({k: torch.cat(v).numpy() for k, v in columns.items()})
+        if len(frame) and bool(frame["ranking_trivial"].all()):
+            self._refuse_all_relevant(torch.ones(1, 1, dtype=torch.bool), torch.ones(1, 1, dtype=torch.bool),
+                                      tasks.task_ids, split)
         for name, v in values.items():
             frame[name] = torch.cat(v).double().numpy()
         names = [m for m in [*self.metric_names, "floor_rmse"] if m in frame.columns]
@@ -219,20 +365,33 @@ class QueryEvaluator:
         summary.update(summarize(frame, ref_names, split, ci=self.ci, n_boot=self.n_boot, seed=self.seed))
         return EvalResult(frame, summary, by_support_size(frame, names))
 
-    def reference_metrics(self, target: torch.Tensor, mask: torch.Tensor,
-                          generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """Ranking metrics ``[B]`` of the random, constant and oracle scorers on the same query
-        items, as ``ref/<scorer>/<metric>`` (rating metrics are left out: they mean nothing for
-        these scorers). Under query-only candidates these are the numbers a model must be read
-        against: with tied ratings a constant score can sit well above random."""
+    def reference_metrics(self, target: torch.Tensor, mask: torch.Tensor, relevant: torch.Tensor,
+                          is_query: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Ranking metrics ``[B]`` of the random, constant and oracle scorers on the same
+        candidates, as ``ref/<scorer>/<metric>``. The oracle scores query items by their true
+        rating and every other candidate below all ratings. Under query-only candidates these are
+        the numbers a model must be read against: with tied ratings a constant score can sit well
+        above random."""
+        lowest = target.masked_fill(~is_query, float("inf")).amin().clamp(max=0.0) - 1.0
         scorers = {
             "random": torch.rand(target.shape, generator=generator).to(target),
             "constant": torch.zeros_like(target),
-            "oracle": target,
+            "oracle": torch.where(is_query, target, lowest.expand_as(target)),
         }
         out: dict[str, torch.Tensor] = {}
         for name, pred in scorers.items():
-            for metric, v in self.task_metrics(pred, target, mask).items():
-                if metric not in ("rmse", "mae"):
-                    out[f"ref/{name}/{metric}"] = v
+            for metric, v in self.task_metrics(pred, target, mask, relevant=relevant, rating=False).items():
+                out[f"ref/{name}/{metric}"] = v
         return out
+
+
+def _ranking_trivial(relevant: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``Bool[B]``: tasks whose valid candidates are all relevant (any ranking scores the same)."""
+    return (relevant == mask).all(-1) & mask.any(-1)
+
+
+QueryEvaluator = Evaluator
+"""The name of :class:`Evaluator` before it ranked more than the query items."""
+
+_MAX_ROWS = 1 << 17
+"""Candidate rows scored per model call (bounds memory under full ranking)."""

@@ -1,0 +1,205 @@
+"""Evaluation protocols: candidate sets (all_unseen, sampled, query_only), hand-computed ranking
+metrics over them, the guards, and the few-shot / adaptation curves."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from metarec_runner.errors import ConfigError, TrainingError
+from metarec_runner.evaluate.candidates import Catalog, build_candidates
+from metarec_runner.evaluate.curves import adaptation_curve, few_shot_curve
+from metarec_runner.evaluate.evaluator import Evaluator
+from metarec_runner.tasks.taskset import TaskSet
+
+
+def _rows(users: np.ndarray, items: np.ndarray) -> torch.Tensor:
+    """Feature rows of the tiny catalog: just ``[user_id, item_id]``."""
+    return torch.from_numpy(np.stack([users, items], 1).astype(np.int64))
+
+
+# user 0 rated items 0..3, user 1 rated items 4, 5, 6, 7, 8 (of 10)
+RATED = {0: [0, 1, 2, 3], 1: [4, 5, 6, 7, 8]}
+CATALOG = Catalog(
+    n_items=10,
+    rated_offsets=torch.tensor([0, 4, 9]),
+    rated_items=torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8]),
+    feature_rows=_rows,
+)
+
+
+def _tasks(kind: str = "user") -> TaskSet:
+    """User 0: support items 0, 1; query 2 (5 stars), 3 (2 stars); item 1 ... untouched.
+    User 1: support 4, 5; query 6 (4 stars), 7 (1 star); item 8 rated but in neither set."""
+    sx = torch.tensor([[0, 0], [0, 1], [1, 4], [1, 5]])
+    qx = torch.tensor([[0, 2], [0, 3], [1, 6], [1, 7]])
+    return TaskSet(
+        task_ids=torch.tensor([0, 1]),
+        support_x=sx, support_y=torch.tensor([3.0, 4.0, 2.0, 5.0]), support_offsets=torch.tensor([0, 2, 4]),
+        query_x=qx, query_y=torch.tensor([5.0, 2.0, 4.0, 1.0]), query_offsets=torch.tensor([0, 2, 4]),
+        task_kind=kind,
+    )
+
+
+class _ByItem:
+    """A non-adapting 'algorithm' whose score is ``sign * item id`` (or NaN)."""
+
+    def __init__(self, sign: float = 1.0, nan: bool = False) -> None:
+        self.model = nn.Linear(1, 1).double()
+        self.sign, self.nan = sign, nan
+        self.eval_inner_steps = 1
+
+    def adapt(self, batch):
+        algo = self
+
+        class Scorer:
+            def predict(self, x):
+                s = algo.sign * x[..., -1].double()
+                return s * float("nan") if algo.nan else s
+
+        return Scorer()
+
+
+def test_rated_mask_marks_exactly_the_rated_items():
+    mask = CATALOG.rated_mask(torch.tensor([1, 0]))
+    assert mask[0].nonzero().flatten().tolist() == RATED[1]
+    assert mask[1].nonzero().flatten().tolist() == RATED[0]
+
+
+def test_all_unseen_candidates_are_the_query_and_the_never_rated_items():
+    items = torch.tensor([[2, 3], [6, 7]])
+    y = torch.tensor([[5.0, 2.0], [4.0, 1.0]])
+    qmask = torch.ones(2, 2, dtype=torch.bool)
+    c = build_candidates("all_unseen", CATALOG, torch.tensor([0, 1]), items, y, qmask, y >= 4)
+    assert c.mask[0].nonzero().flatten().tolist() == [2, 3, 4, 5, 6, 7, 8, 9]
+    # user 1: item 8 was rated outside support and query: known, so never a (false) negative
+    assert c.mask[1].nonzero().flatten().tolist() == [0, 1, 2, 3, 6, 7, 9]
+    assert c.relevant.nonzero().tolist() == [[0, 2], [1, 6]]
+    assert c.target[0, 2] == 5.0 and c.target[0, 3] == 2.0 and c.target[0, 4] == 0.0
+    assert c.is_query.sum() == 4
+
+
+def test_sampled_negatives_are_never_rated_seeded_and_bounded():
+    items = torch.tensor([[2, 3], [6, 7]])
+    y = torch.tensor([[5.0, 2.0], [4.0, 1.0]])
+    qmask = torch.ones(2, 2, dtype=torch.bool)
+    users = torch.tensor([0, 1])
+
+    def draw(seed: int):
+        return build_candidates("sampled", CATALOG, users, items, y, qmask, y >= 4, n_negatives=4,
+                                generator=torch.Generator().manual_seed(seed))
+
+    c = draw(0)
+    assert c.items.shape == (2, 6) and bool(c.mask.all())
+    for b, u in enumerate((0, 1)):
+        negatives = c.items[b, 2:].tolist()
+        assert len(set(negatives)) == 4 and not set(negatives) & set(RATED[u])
+    assert torch.equal(draw(0).items, c.items)
+    assert any(not torch.equal(draw(s).items, c.items) for s in range(1, 6))
+    assert c.relevant[:, 2:].sum() == 0 and c.relevant[:, :2].tolist() == [[True, False], [True, False]]
+    with pytest.raises(ConfigError, match="evaluator.n_negatives.*user 1 left only 5 unrated"):
+        build_candidates("sampled", CATALOG, users, items, y, qmask, y >= 4, n_negatives=6)
+
+
+def test_full_ranking_metrics_equal_hand_computed_values():
+    ev = Evaluator(protocol="all_unseen", ks=(1, 5), metrics=["ndcg", "mrr", "recall", "auc"],
+                   references=False).bind(CATALOG)
+    res = ev.evaluate(_ByItem(sign=1.0), _tasks(), "test", torch.device("cpu"))
+    row0, row1 = res.per_task.iloc[0], res.per_task.iloc[1]
+    # user 0: candidates 2..9 ranked 9, 8, ..., 2; the relevant item 2 comes 8th of 8
+    assert row0.n_candidates == 8 and row0.n_relevant == 1
+    assert row0.ndcg_at_5 == 0.0 and row0.mrr_at_5 == 0.0 and row0.auc == 0.0
+    # user 1: candidates 9, 7, 6, 3, 2, 1, 0; the relevant item 6 comes 3rd of 7
+    assert row1.n_candidates == 7
+    assert math.isclose(row1.ndcg_at_5, 1 / math.log2(4)) and math.isclose(row1.mrr_at_5, 1 / 3)
+    assert row1.recall_at_1 == 0.0 and row1.recall_at_5 == 1.0
+    assert math.isclose(row1.auc, 4 / 6)  # 4 of the 6 irrelevant candidates score below item 6
+    flipped = ev.evaluate(_ByItem(sign=-1.0), _tasks(), "test", torch.device("cpu")).per_task
+    assert flipped.iloc[0].ndcg_at_1 == 1.0  # item 2 is now first of user 0's candidates
+
+
+def test_query_only_and_all_unseen_differ_on_the_same_scores():
+    only = Evaluator(protocol="query_only", ks=(1,), metrics=["ndcg"], references=False)
+    res = only.evaluate(_ByItem(sign=1.0), _tasks(), "test", torch.device("cpu")).per_task
+    assert res.n_candidates.tolist() == [2, 2]
+    assert res.ndcg_at_1.tolist() == [0.0, 0.0]  # item 3 above 2, item 7 above 6
+
+
+def test_references_appear_beside_the_model_under_full_ranking():
+    ev = Evaluator(protocol="all_unseen", ks=(5,), metrics=["ndcg"]).bind(CATALOG)
+    res = ev.evaluate(_ByItem(), _tasks(), "test", torch.device("cpu"))
+    assert res.summary["test/ref/oracle/ndcg_at_5"] == 1.0
+    # the constant scorer ranks candidates in item order: user 0's item 2 first, user 1's 6 fifth
+    assert math.isclose(res.summary["test/ref/constant/ndcg_at_5"], (1 + 1 / math.log2(6)) / 2)
+
+
+def test_full_ranking_refuses_tasks_that_are_not_users():
+    ev = Evaluator(protocol="all_unseen").bind(CATALOG)
+    with pytest.raises(ConfigError, match="ranks each user's unseen items, but the test tasks are items"):
+        ev.evaluate(_ByItem(), _tasks("item"), "test", torch.device("cpu"))
+
+
+def test_candidates_equal_to_the_relevant_set_raise():
+    ev = Evaluator(protocol="query_only", ks=(1,), metrics=["ndcg"], relevance_threshold=1.0, references=False)
+    with pytest.raises(ConfigError, match="every test task .* has every candidate relevant"):
+        ev.check_tasks(_tasks(), "test")
+    with pytest.raises(ConfigError, match="every candidate relevant"):
+        ev.evaluate(_ByItem(), _tasks(), "test", torch.device("cpu"))
+
+
+def test_a_single_all_relevant_task_is_left_out_of_the_ranking_mean():
+    ev = Evaluator(protocol="query_only", ks=(1,), metrics=["rmse", "ndcg"], relevance_threshold=2.0,
+                   references=False)
+    res = ev.evaluate(_ByItem(), _tasks(), "test", torch.device("cpu"))
+    # user 0: ratings 5, 2 are both >= 2 (trivial); user 1: 4 relevant, 1 not
+    assert res.per_task.ranking_trivial.tolist() == [True, False]
+    assert math.isnan(res.per_task.ndcg_at_1[0]) and not math.isnan(res.per_task.rmse[0])
+    assert res.summary["test/ndcg_at_1"] == 0.0  # the mean runs over user 1 only
+
+
+def test_nan_scores_raise():
+    ev = Evaluator(protocol="all_unseen", ks=(1,), metrics=["ndcg"]).bind(CATALOG)
+    with pytest.raises(TrainingError, match="NaN or infinite scores"):
+        ev.evaluate(_ByItem(nan=True), _tasks(), "test", torch.device("cpu"))
+
+
+def test_unknown_protocol_is_a_one_line_config_error():
+    with pytest.raises(ConfigError, match="evaluator.protocol: must be one of"):
+        Evaluator(protocol="everything")
+
+
+def test_few_shot_and_adaptation_curves_evaluate_every_point():
+    ev = Evaluator(protocol="all_unseen", ks=(5,), metrics=["ndcg"], references=False).bind(CATALOG)
+    frame, summary = few_shot_curve(ev, _ByItem(), _tasks(), torch.device("cpu"), (1, 2))
+    assert frame.shots.tolist() == [1, 2] and set(frame.metric) == {"ndcg_at_5"}
+    assert "test_k1/ndcg_at_5" in summary and "test_k2/ndcg_at_5_ci95" in summary
+    algo = _ByItem()
+    frame, summary = adaptation_curve(ev, algo, _tasks(), torch.device("cpu"), (0, 3))
+    assert frame.steps.tolist() == [0, 3] and algo.eval_inner_steps == 1  # restored
+
+
+def _data_dir() -> Path:
+    return Path(os.environ.get("METAREC_DATA_DIR", "/work/shared/data"))
+
+
+def test_ml100k_all_unseen_candidate_counts():
+    if not (_data_dir() / "ml-100k" / "u.data").exists():
+        pytest.skip(f"ml-100k not found under {_data_dir()} (set METAREC_DATA_DIR)")
+    from metarec_runner.data.movielens import load_movielens
+    from metarec_runner.tasks.splitters import UserColdStart
+
+    data = load_movielens("ml-100k", data_dir=_data_dir())
+    splits = UserColdStart(ratios=(0.8, 0.1, 0.1), n_query=10, min_interactions=13, max_interactions=100)(data)
+    catalog = Catalog.from_interactions(data)
+    ev = Evaluator(protocol="all_unseen", ks=(10,), metrics=["ndcg"]).bind(catalog)
+    res = ev.evaluate(_ByItem(), splits.test, "test", torch.device("cpu"))
+    rated = data.ratings.groupby("user").size()
+    expected = [data.n_items - rated[u] + 10 for u in res.per_task.task_id]
+    assert res.per_task.n_candidates.tolist() == expected
+    assert res.summary["test/ref/oracle/ndcg_at_10"] == 1.0
