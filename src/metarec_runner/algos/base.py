@@ -14,7 +14,6 @@ import torch
 from torch import Tensor, nn
 
 from metarec_runner.algos.compat import check_compatible
-from metarec_runner.algos.compat import check_compatible
 from metarec_runner.algos.functional import (
     LOSSES,
     Params,
@@ -167,7 +166,6 @@ class MetaAlgorithm:
         require_choice("loss", loss, LOSSES)
         self.model = model
         self.scope = adapt
-        check_compatible(self, model)  # algos.compat: one-line error for an incompatible model
         check_compatible(self, model)  # algos.compat: one-line error for an incompatible model
         self.touched_rows = bool(touched_rows)
         self.loss = loss
