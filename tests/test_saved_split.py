@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -101,8 +102,6 @@ def test_missing_and_damaged_files(toy, tmp_path):
     table = pq.read_table(path)
     frame = table.to_pandas()
     frame.loc[0, "rating"] = frame.loc[0, "rating"] + 1  # tamper with one rating
-    import pyarrow as pa
-
     damaged = pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(table.schema.metadata)
     pq.write_table(damaged, path)
     with pytest.raises(DataError, match="damaged"):

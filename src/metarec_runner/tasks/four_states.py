@@ -161,7 +161,7 @@ class FourStates(UserColdStart):
         rng = np.random.default_rng(self.seed)
         if state_users_new:
             pool = pool[rng.permutation(len(pool))]
-            n_val = int(round(self.ratios[1] / (self.ratios[1] + self.ratios[2]) * len(pool)))
+            n_val = round(self.ratios[1] / (self.ratios[1] + self.ratios[2]) * len(pool))
             val, test = pool[:n_val], pool[n_val:]
             if len(val) == 0 or len(test) == 0:
                 raise DataError(f"splitter FourStates: {len(pool)} eligible {user_what} are too few for "
