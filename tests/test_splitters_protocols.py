@@ -168,6 +168,9 @@ def test_four_states_impossible_settings_name_the_key():
     with pytest.raises(DataError, match="no new items.*lower splitter.item_cut"):
         FourStates(state="item_cold", cut="time", user_cut=100, item_cut=10_000, n_query=2,
                    min_interactions=3)(data)
+    with pytest.raises(DataError, match="only 6 existing users.*new items.*splitter.ratios"):
+        FourStates(state="item_cold", cut="time", user_cut=160, item_cut=106, ratios=(0.9, 0.05, 0.05),
+                   n_query=2, min_interactions=3)(data)
     with pytest.raises(ConfigError, match="splitter.state.*warm"):
         FourStates(state="cold")
     with pytest.raises(ConfigError, match="splitter.user_cut.*fraction"):

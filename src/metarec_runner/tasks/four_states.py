@@ -169,7 +169,14 @@ class FourStates(UserColdStart):
                                 f"splitter.min_interactions")
             train_pool = old_user
         else:
-            _, val, test = self._split_keys(pool, rng, data.name)
+            try:
+                _, val, test = self._split_keys(pool, rng, data.name)
+            except DataError:
+                raise DataError(
+                    f"splitter FourStates: only {len(pool)} {user_what} have splitter.min_interactions="
+                    f"{self.min_interactions} ratings of {item_what}, too few for splitter.ratios="
+                    f"{list(self.ratios)}; lower splitter.min_interactions or move splitter.item_cut "
+                    f"(state={self.state})") from None
             train_pool = old_user.copy()
             train_pool[val] = train_pool[test] = False
         train = self._pool(train_counts, train_pool, "existing users rating existing items", "user_cut",
