@@ -26,6 +26,7 @@ from metarec_runner.evaluate.candidates import Catalog
 from metarec_runner.paths import conf_dir, group_options
 from metarec_runner.runner import Runner
 from metarec_runner.tracking import flatten_config
+from metarec_runner.tracking.plots import log_run_plots
 from metarec_runner.utils import git_sha, resolve_device, resolve_dtype, seed_everything, versions
 
 
@@ -214,7 +215,12 @@ def train_task(cfg: DictConfig) -> float:
         fit = runner.fit(splits.train, splits.val)
         test = runner.test(splits.test)
         prep.tracker.log_metrics(test.summary, step=fit.best_epoch)
-        curve_files = _curves(prep, splits.test, out_dir, fit.best_epoch)
+        extra_files = _curves(prep, splits.test, out_dir, fit.best_epoch)
+        if cfg.save_split:  # the exact tasks, reloadable with splitter=saved splitter.path=...
+            from metarec_runner.tasks.saved import save_splits
+
+            save_splits(splits, prep.data, out_dir / "split.parquet")
+            extra_files.append("split.parquet")
         prep.tracker.log_metrics({"val/best_epoch": fit.best_epoch}, step=fit.best_epoch)
         (out_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
         (out_dir / "metrics.json").write_text(json.dumps(
@@ -225,10 +231,11 @@ def train_task(cfg: DictConfig) -> float:
         import pandas as pd
         pd.DataFrame(fit.history).to_csv(out_dir / "history.csv", index=False)
         for name in ("config_resolved.yaml", "metrics.json", "per_task.csv", "by_support_size.csv",
-                     "history.csv", *curve_files):
+                     "history.csv", *extra_files):
             prep.tracker.log_artifact(out_dir / name)
         if (out_dir / ".hydra").is_dir():
             prep.tracker.log_artifacts(out_dir / ".hydra", artifact_path="hydra")
+        log_run_plots(prep.tracker, out_dir, pd.DataFrame(fit.history), test.by_support)  # never raises
         prep.tracker.finish("FINISHED")
     except KeyboardInterrupt:
         prep.tracker.finish("KILLED")
