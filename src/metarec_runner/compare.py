@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import math
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -29,6 +30,9 @@ SWEEP_PREFIX = "sweep:"
 CORE_TAGS = ("algo", "model", "dataset", "splitter", "split_hash", "protocol")
 LOWER_IS_BETTER = ("rmse", "mae", "mse", "loss")
 PER_TASK_FILE = "per_task.csv"
+OVERRIDE_PREFIX = "override."  # collect_runs' columns of each job's own command-line overrides
+AGGREGATED_KEYS = ("seed",)  # swept keys that are aggregated over (CIs over runs), never grouped by
+_OVERRIDE_START = re.compile(r" (?=[+~]{0,2}[\w./@-]+=)")  # where the next `key=` begins
 
 
 class CompareError(MetarecError):
@@ -107,7 +111,8 @@ def collect_runs(tracking_uri: str | None = None, experiment: str | None = None,
     """One row per run: ``run_id, run_name, experiment_id, parent_run_id, status, algo, model,
     dataset, splitter, split_hash, protocol, seed, split_seed``, every test metric
     (``test/<metric>``, ``test/<metric>_ci95``), then ``tags.<key>`` and ``params.<key>`` for all
-    other tags and params (for grouping by any of them).
+    other tags and params, and ``override.<key>`` for each of the job's own command-line overrides
+    (for grouping by any of them; :func:`swept_keys` finds the ones a sweep varied).
 
     Args:
         tracking_uri: the store (default :func:`metarec_runner.paths.default_tracking_uri`).
@@ -157,6 +162,7 @@ def collect_runs(tracking_uri: str | None = None, experiment: str | None = None,
         row.update({f"tags.{k}": v for k, v in sorted(tags.items())
                     if k not in CORE_TAGS and not k.startswith("mlflow.")})
         row.update({f"params.{k}": v for k, v in sorted(params.items())})
+        row.update({OVERRIDE_PREFIX + k: v for k, v in parse_overrides(tags.get("overrides", "")).items()})
         rows.append(row)
     frame = pd.DataFrame(rows)
     if not frame.empty:  # metric columns first, after the core columns
@@ -179,12 +185,41 @@ def available_metrics(runs: pd.DataFrame) -> list[str]:
                   and runs[c].notna().any())
 
 
+def parse_overrides(text: str) -> dict[str, str]:
+    """A job's ``overrides`` tag (``+algo=maml seed=1 algo.inner_lr=0.01``) as ``{key: value}``.
+
+    ``+``/``++``/``~`` prefixes are dropped (``+algo=maml`` -> ``algo: maml``); values may hold
+    spaces (``evaluator.ks=[5, 10]``).
+    """
+    out: dict[str, str] = {}
+    for part in _OVERRIDE_START.split(text.strip()) if text and text.strip() else []:
+        key, sep, value = part.partition("=")
+        if sep:
+            out[key.lstrip("+~")] = value
+    return out
+
+
+def swept_keys(runs: pd.DataFrame, aggregate: Sequence[str] = AGGREGATED_KEYS) -> list[str]:
+    """The override keys whose value differs between the runs (e.g. ``algo``, ``algo.inner_lr``),
+    in command-line order, without ``aggregate`` (``seed``: aggregated over, not grouped by).
+
+    Reads the ``override.<key>`` columns :func:`collect_runs` makes from each job's overrides.
+    """
+    keys = []
+    for col in runs.columns:
+        if col.startswith(OVERRIDE_PREFIX) and col[len(OVERRIDE_PREFIX):] not in aggregate:
+            if runs[col].fillna("<unset>").nunique() > 1:
+                keys.append(col[len(OVERRIDE_PREFIX):])
+    return keys
+
+
 def resolve_column(runs: pd.DataFrame, key: str) -> str:
-    """The column for a group key: ``key`` itself, else ``tags.<key>``, else ``params.<key>``."""
-    for col in (key, f"tags.{key}", f"params.{key}"):
+    """The column for a group key: ``key`` itself, else ``tags.<key>``, ``params.<key>``, else
+    the job's own override ``override.<key>`` (e.g. ``experiment``)."""
+    for col in (key, f"tags.{key}", f"params.{key}", OVERRIDE_PREFIX + key):
         if col in runs.columns:
             return col
-    known = sorted({c.split(".", 1)[1] if c.startswith(("tags.", "params.")) else c
+    known = sorted({c.split(".", 1)[1] if c.startswith(("tags.", "params.", OVERRIDE_PREFIX)) else c
                     for c in runs.columns if not c.startswith("test/")})
     raise CompareError(f"cannot group by {key!r}: no such tag or param; e.g. "
                        f"{', '.join(k for k in known[:40])}")

@@ -33,10 +33,13 @@ def _fmt(value, digits: int = 4) -> str:
 
 def compare(
     experiment: str = typer.Option(None, help="Experiment name, e.g. train/toy (default: all)."),
-    sweep: str = typer.Option(None, help="parent run id or 'latest'"),
+    sweep: str = typer.Option(None, "--sweep", "--parent",
+                              help="A sweep's parent run id, or 'latest': compare its children."),
     metric: str = typer.Option("rmse", help="Test metric to compare (rmse, mae, ndcg_at_5, ...)."),
     baseline: str = typer.Option(None, help="Algo to pair against on identical test tasks."),
-    by: str = typer.Option("algo", help="comma-separated tags/params to group by"),
+    by: str = typer.Option(None, help="Comma-separated tags/params/override keys to group by "
+                           "(default: with --sweep the keys the sweep varied, seeds aggregated; "
+                           "else algo)."),
     format: str = typer.Option("table", help="table|csv"),
     tracking_uri: str = typer.Option(None, help="Store to read (default: the one `train` writes to)."),
 ) -> None:
@@ -44,10 +47,10 @@ def compare(
     difference to --baseline over the same test users (same split_hash)."""
     if format not in ("table", "csv"):
         _fail(f"--format must be table or csv, got {format!r}")
-    group_by = [k.strip() for k in by.split(",") if k.strip()]
-    if not group_by:
+    group_by = [k.strip() for k in by.split(",") if k.strip()] if by is not None else []
+    if by is not None and not group_by:
         _fail("--by needs at least one tag or param, e.g. --by algo")
-    from metarec_runner.compare import CompareError, collect_runs, compare_table
+    from metarec_runner.compare import CompareError, collect_runs, compare_table, swept_keys
     from metarec_runner.paths import default_tracking_uri
 
     uri = tracking_uri or default_tracking_uri()
@@ -57,9 +60,13 @@ def compare(
             where = f"sweep {sweep}" if sweep else (f"experiment {experiment!r}" if experiment else uri)
             _fail(f"no finished runs in {where}")
         note = None
+        if not group_by:  # a sweep: its varied keys; otherwise per algorithm
+            group_by = (swept_keys(runs) if sweep else []) or ["algo"]
+            if sweep:
+                note = f"grouped by the swept keys ({', '.join(group_by)}), aggregated over seeds"
         if runs["dataset"].nunique() > 1 and "dataset" not in group_by:
             group_by = ["dataset", *group_by]
-            note = "runs span several datasets: grouped by dataset too"
+            note = "; ".join(filter(None, [note, "runs span several datasets: grouped by dataset too"]))
         table = compare_table(runs, metric, group_by=group_by, baseline=baseline)
     except CompareError as err:
         _fail(str(err))

@@ -7,17 +7,31 @@ parallel jobs from racing to create the experiment.
 The parent always ends: FINISHED when every job succeeded, FAILED when any job failed (even one
 that failed before it could open its own run), KILLED when the sweep process ends without
 Hydra's ``on_multirun_end`` (Ctrl+C; Hydra also skips it after a failed job, hence ``atexit``).
+Jobs may run in other processes (joblib, Ray, SLURM): there ``on_job_end`` runs in the job's
+process, so a failed job also leaves a marker file in the sweep dir that the sweep process reads.
+At the end of a sweep the parent gets ``sweep_comparison.png`` and ``.csv``: the children's test
+metric (``trainer.monitor``'s) per swept setting, mean and 95% CI over seeds.
+
+:class:`ThreadsPerJob` gives every job of a parallel local launcher (joblib, Ray) one torch
+thread (``threads=1`` as a sweep override, logged with the run), so jobs do not oversubscribe
+the cores.
 """
 
 from __future__ import annotations
 
 import atexit
+import logging
 from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict, read_write
+
+log = logging.getLogger(__name__)
+
+FAILED_DIR = ".failed_jobs"  # in the sweep dir: one empty file per failed job (any process)
+COMPARISON_FILE = "sweep_comparison"  # .png and .csv, logged to the parent run
 
 
 class MlflowSweepParent(Callback):
@@ -27,6 +41,12 @@ class MlflowSweepParent(Callback):
         self._tracker = None
         self._parent = None
         self._failed_jobs = 0
+        self._sweep_dir: Path | None = None
+        self._monitor: str | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Parallel launchers pickle the callbacks into their workers: leave the client behind."""
+        return {**self.__dict__, "_tracker": None}
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         logger = config.get("logger")
@@ -37,6 +57,8 @@ class MlflowSweepParent(Callback):
 
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        self._sweep_dir = sweep_dir
+        self._monitor = str(config.get("trainer", {}).get("monitor", "val/rmse"))
         self._tracker = MlflowTracker(logger.tracking_uri, logger.experiment,
                                       artifact_location=logger.get("artifact_location"))
         overrides = " ".join(config.hydra.overrides.task)
@@ -51,12 +73,21 @@ class MlflowSweepParent(Callback):
 
         if getattr(job_return, "status", None) == JobStatus.FAILED:
             self._failed_jobs += 1
+            if self._sweep_dir is not None:  # seen by the sweep process when this is a worker
+                marker = self._sweep_dir / FAILED_DIR / str(config.hydra.job.get("num", "x"))
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.touch()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._close(None)
 
+    def _any_failed(self) -> bool:
+        """Whether a job failed, in this process or in a launcher's worker."""
+        markers = self._sweep_dir / FAILED_DIR if self._sweep_dir is not None else None
+        return bool(self._failed_jobs) or bool(markers and markers.is_dir() and any(markers.iterdir()))
+
     def _close_unended(self) -> None:
-        self._close("FAILED" if self._failed_jobs else "KILLED")
+        self._close("FAILED" if self._any_failed() else "KILLED")
 
     def _close(self, status: str | None) -> None:
         """End the parent once: with ``status``, or FAILED/FINISHED from the jobs' outcomes."""
@@ -64,9 +95,84 @@ class MlflowSweepParent(Callback):
             return
         parent, self._parent = self._parent, None
         atexit.unregister(self._close_unended)
-        if status is None and self._failed_jobs:
+        if status is None and self._any_failed():
             status = "FAILED"
+        if status != "KILLED":
+            self._log_comparison(parent)
         if status is None:
             self._tracker.close_sweep_parent(parent)  # FAILED if a child run failed, else FINISHED
         else:
             self._tracker.end_sweep_parent(parent, status)
+
+    def _log_comparison(self, parent: Any) -> None:
+        """Plot and log the children's comparison to the parent run; warn, never raise."""
+        if self._sweep_dir is None:
+            return
+        try:
+            path = log_sweep_comparison(parent.tracking_uri, parent.run_id, self._sweep_dir,
+                                        (self._monitor or "val/rmse").removeprefix("val/"))
+            if path is not None:
+                log.info("sweep comparison: %s", path)
+        except Exception as err:  # noqa: BLE001 - a plot must never fail the sweep
+            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            log.warning("sweep comparison plot skipped: %s", text)
+
+
+def log_sweep_comparison(tracking_uri: str, parent_run_id: str, out_dir: str | Path,
+                         metric: str = "rmse") -> Path | None:
+    """Compare a sweep's finished children and log ``sweep_comparison.{png,csv}`` to the parent.
+
+    Children are grouped by the keys the sweep varied (``algo``, ``algo.inner_lr``...; ``algo``
+    when none), seeds aggregated: mean and 95% CI over runs (over test tasks for a single run).
+    ``metric`` falls back to ``rmse`` when the children lack it.
+
+    Returns:
+        The PNG written into ``out_dir``, or None when no child finished.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from metarec_runner.compare import available_metrics, collect_runs, compare_table, swept_keys
+    from metarec_runner.tracking.plots import plot_comparison
+
+    runs = collect_runs(tracking_uri, parent_run_id=parent_run_id)
+    if runs.empty:
+        return None
+    if metric not in available_metrics(runs):
+        metric = "rmse"
+    table = compare_table(runs, metric, group_by=swept_keys(runs) or ["algo"])
+    out = Path(out_dir)
+    png = plot_comparison(table, out / f"{COMPARISON_FILE}.png", metric)
+    table.to_csv(out / f"{COMPARISON_FILE}.csv", index=False)
+    client = MlflowClient(tracking_uri)
+    client.log_artifact(parent_run_id, str(png))
+    client.log_artifact(parent_run_id, str(out / f"{COMPARISON_FILE}.csv"))
+    return png
+
+
+class ThreadsPerJob(Callback):
+    """One torch thread per job (``threads=N`` added to every job's overrides) when the launcher
+    runs jobs side by side on one machine; explicit ``threads=...`` on the command line wins.
+
+    Args:
+        threads: torch threads per job.
+        launchers: launcher class names this applies to (the end of ``hydra.launcher._target_``).
+    """
+
+    def __init__(self, threads: int = 1,
+                 launchers: tuple[str, ...] | list[str] = ("JoblibLauncher", "RayLauncher")) -> None:
+        self.threads, self.launchers = int(threads), tuple(launchers)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        target = str(config.hydra.launcher.get("_target_", ""))
+        if not target.endswith(self.launchers) or config.get("threads") is not None:
+            return
+        if any(o.lstrip("+~").split("=", 1)[0] == "threads" for o in config.hydra.overrides.task):
+            return
+        sweeper = config.hydra.sweeper
+        if "params" not in sweeper:  # a sweeper without extra per-job params: leave it alone
+            return
+        params = dict(sweeper.params or {})
+        params["threads"] = str(self.threads)
+        with read_write(sweeper), open_dict(sweeper):  # Hydra marks its nodes read-only
+            sweeper.params = params
+        log.info("%s: threads=%d per job", target.rsplit(".", 1)[-1], self.threads)

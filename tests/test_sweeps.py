@@ -1,0 +1,229 @@
+"""Sweeps at scale: the joblib launcher (one MLflow parent, its children from worker processes,
+one torch thread per job), the Optuna preset, the Ray and SLURM presets, `metarec compare` on a
+whole sweep, and the comparison plot on the parent run."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+
+from metarec_runner.compare import parse_overrides, swept_keys
+from metarec_runner.paths import conf_dir
+from metarec_runner.tracking.callbacks import FAILED_DIR, ThreadsPerJob
+
+METAREC = [sys.executable, "-m", "metarec_runner.cli"]
+TINY = ["dataset.n_users=120", "dataset.n_items=80", "trainer.max_epochs=1", "trainer.progress=false"]
+RUN_ARTIFACTS = {"config_resolved.yaml", "metrics.json", "per_task.csv", "by_support_size.csv",
+                 "history.csv", "hydra", "plots"}
+
+
+def _env(out: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
+    env["METAREC_OUTPUT_DIR"] = str(out)
+    return env
+
+
+def _metarec(out: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([*METAREC, *args], cwd=out.parent, env=_env(out), capture_output=True,
+                          text=True, check=False, timeout=timeout)
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _compose(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+
+
+def _sweep(client, out: Path):
+    """(parent run, its child runs) of the only sweep in ``out``'s store."""
+    from mlflow.entities import ViewType
+
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "",
+                              ViewType.ALL, max_results=1000)
+    parents = [r for r in runs if r.info.run_name.startswith("sweep:")]
+    assert len(parents) == 1, [r.info.run_name for r in runs]
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(runs) == len(children) + 1, "runs outside the sweep"
+    return parent, children
+
+
+# ---------------------------------------------------------------- fast
+
+def test_parse_overrides_and_swept_keys() -> None:
+    assert parse_overrides("+algo=maml seed=1 evaluator.ks=[5, 10] ++x=a b ~y=1") == {
+        "algo": "maml", "seed": "1", "evaluator.ks": "[5, 10]", "x": "a b", "y": "1"}
+    assert parse_overrides("") == {} and parse_overrides("  ") == {}
+    runs = pd.DataFrame({"override.algo": ["maml", "maml", "global", "global"],
+                         "override.seed": ["0", "1", "0", "1"],
+                         "override.threads": ["1"] * 4,
+                         "override.algo.inner_lr": ["0.1", "0.1", None, None]})
+    assert swept_keys(runs) == ["algo", "algo.inner_lr"]  # seed aggregated, threads constant
+    assert swept_keys(runs, aggregate=()) == ["algo", "seed", "algo.inner_lr"]
+
+
+def test_joblib_launcher_gets_one_thread_per_job() -> None:
+    cfg = _compose(["hydra/launcher=joblib", "+algo=maml"])
+    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
+    ThreadsPerJob().on_multirun_start(cfg)
+    assert dict(cfg.hydra.sweeper.params) == {"threads": "1"}
+
+    explicit = _compose(["hydra/launcher=joblib", "+algo=maml", "threads=2"])
+    ThreadsPerJob().on_multirun_start(explicit)
+    assert explicit.hydra.sweeper.params is None  # the user's threads=2 stays
+
+    basic = _compose(["+algo=maml"])
+    ThreadsPerJob().on_multirun_start(basic)
+    assert basic.hydra.sweeper.params is None  # sequential jobs keep torch's default
+
+
+@pytest.mark.skipif(not _has("hydra_plugins.hydra_submitit_launcher"),
+                    reason="hydra-submitit-launcher not installed (pip install 'metarec-runner[slurm]')")
+def test_slurm_preset_composes() -> None:
+    cfg = _compose(["hydra/launcher=slurm", "+algo=maml", "hydra.launcher.partition=gpu"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert launcher.partition == "gpu" and launcher.cpus_per_task == 4 and launcher.timeout_min == 240
+
+
+@pytest.mark.skipif(not _has("hydra_plugins.hydra_ray_launcher"),
+                    reason="hydra-ray-launcher not installed (pip install 'metarec-runner[ray]')")
+def test_ray_preset_composes_with_one_thread_per_job() -> None:
+    cfg = _compose(["hydra/launcher=ray_local", "+algo=maml"])
+    assert cfg.hydra.launcher._target_.endswith("RayLauncher")
+    assert cfg.hydra.launcher.ray.remote.num_cpus == 1
+    ThreadsPerJob().on_multirun_start(cfg)
+    assert dict(cfg.hydra.sweeper.params) == {"threads": "1"}
+
+
+@pytest.mark.skipif(not _has("hydra_plugins.hydra_optuna_sweeper"),
+                    reason="hydra-optuna-sweeper not installed (pip install 'metarec-runner[optuna]')")
+def test_optuna_preset_composes() -> None:
+    cfg = _compose(["+hparams_search=maml_optuna"])
+    assert cfg.algo._target_.endswith("MAML")
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert cfg.hydra.sweeper.direction == "minimize" and cfg.trainer.monitor_mode == "min"
+    assert set(cfg.hydra.sweeper.params) == {"algo.inner_lr", "algo.meta_optimizer.lr",
+                                             "algo.inner_steps"}
+
+
+# ---------------------------------------------------------------- slow: real sweeps
+
+@pytest.fixture(scope="module")
+def joblib_sweep(tmp_path_factory) -> Path:
+    """A 4-job joblib sweep (maml, global x seeds 0, 1) into one sqlite store."""
+    out = tmp_path_factory.mktemp("joblib") / "outputs"
+    res = _metarec(out, "train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                   "+algo=maml,global", "seed=0,1", *TINY)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "JoblibLauncher: threads=1 per job" in res.stdout + res.stderr
+    return out
+
+
+@pytest.mark.slow
+def test_joblib_sweep_one_parent_four_finished_children(joblib_sweep: Path, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{joblib_sweep}/mlflow.db")
+    parent, children = _sweep(client, joblib_sweep)
+    assert parent.info.status == "FINISHED"
+    assert len(children) == 4
+    assert sorted((c.data.tags["algo"], c.data.params["seed"]) for c in children) == [
+        ("global", "0"), ("global", "1"), ("maml", "0"), ("maml", "1")]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.info.experiment_id == parent.info.experiment_id
+        assert child.data.params["threads"] == "1"  # one torch thread per parallel job
+        assert child.data.params["trainer.max_epochs"] == "1"
+        assert "test/rmse" in child.data.metrics and "val/rmse" in child.data.metrics
+        assert len(client.get_metric_history(child.info.run_id, "train/loss")) == 1
+        names = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert RUN_ARTIFACTS <= names, RUN_ARTIFACTS - names
+        pngs = {a.path for a in client.list_artifacts(child.info.run_id, "plots")}
+        assert {"plots/learning_curves.png", "plots/support_size.png"} <= pngs
+    # every job wrote its own folder; the parent got the comparison of the children
+    assert len({c.data.tags["output_dir"] for c in children}) == 4
+    parent_files = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert parent_files == {"sweep_comparison.png", "sweep_comparison.csv"}
+    dst = tmp_path / "dl"
+    dst.mkdir()
+    png = Path(client.download_artifacts(parent.info.run_id, "sweep_comparison.png", str(dst)))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = pd.read_csv(client.download_artifacts(parent.info.run_id, "sweep_comparison.csv", str(dst)))
+    assert sorted(table["algo"]) == ["global", "maml"] and (table["n_runs"] == 2).all()
+    for algo, row in table.set_index("algo").iterrows():
+        means = [c.data.metrics["test/rmse"] for c in children if c.data.tags["algo"] == algo]
+        assert row["mean"] == pytest.approx(sum(means) / 2)
+
+
+@pytest.mark.slow
+def test_compare_whole_sweep_by_parent_id(joblib_sweep: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    parent, _ = _sweep(MlflowClient(f"sqlite:///{joblib_sweep}/mlflow.db"), joblib_sweep)
+    res = _metarec(joblib_sweep, "compare", "--parent", parent.info.run_id, "--format", "csv",
+                   timeout=300)
+    assert res.returncode == 0, res.stderr
+    table = pd.read_csv(io.StringIO(res.stdout))
+    assert list(table.columns[:3]) == ["algo", "n_runs", "n_seeds"]  # grouped by the swept key only
+    assert sorted(table["algo"]) == ["global", "maml"]
+    assert (table["n_runs"] == 2).all() and (table["n_seeds"] == 2).all()
+    res = _metarec(joblib_sweep, "compare", "--sweep", "latest", "--baseline", "global", timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "grouped by the swept keys (algo), aggregated over seeds" in res.stdout
+    assert "Δ vs global" in res.stdout
+
+
+@pytest.mark.slow
+def test_joblib_sweep_with_a_failing_job_fails_the_parent(tmp_path: Path) -> None:
+    """The failing job runs in a worker process: the parent still learns about it."""
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "outputs"
+    res = _metarec(out, "train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                   "+algo=maml", "algo.inner_lr=0.05,-0.1", *TINY)
+    assert res.returncode != 0
+    assert "algo.inner_lr: must be > 0" in res.stderr
+    parent, children = _sweep(MlflowClient(f"sqlite:///{out}/mlflow.db"), out)
+    assert parent.info.status == "FAILED"
+    assert [c.info.status for c in children] == ["FINISHED"]  # the bad job never opened a run
+    markers = list(out.glob(f"multiruns/*/*/{FAILED_DIR}/*"))
+    assert [m.name for m in markers] == ["1"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has("hydra_plugins.hydra_optuna_sweeper"),
+                    reason="hydra-optuna-sweeper not installed (pip install 'metarec-runner[optuna]')")
+def test_optuna_four_trials_under_one_parent(tmp_path: Path) -> None:
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "outputs"
+    res = _metarec(out, "train", "-m", "+hparams_search=maml_optuna", "hydra.sweeper.n_trials=4",
+                   "hydra.sweeper.n_jobs=2", *TINY)
+    assert res.returncode == 0, res.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    parent, children = _sweep(client, out)
+    assert parent.info.status == "FINISHED" and len(children) == 4
+    assert all(c.info.status == "FINISHED" for c in children)
+    tried = {(c.data.params["algo.inner_lr"], c.data.params["algo.inner_steps"]) for c in children}
+    assert len(tried) == 4  # four distinct trials
+    for c in children:
+        assert 0.005 <= float(c.data.params["algo.inner_lr"]) <= 0.5
+        assert c.data.params["algo.inner_steps"] in {"1", "2", "3", "5"}
+    result = yaml.safe_load(next(out.glob("multiruns/*/*/optimization_results.yaml")).read_text())
+    best = min(c.data.metrics["val/best_rmse"] for c in children)
+    assert result["best_value"] == pytest.approx(best)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {
+        "sweep_comparison.png", "sweep_comparison.csv"}
