@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from rich.console import Console
 
-from metarec_runner.algos.metric import MatchingNet, ProtoNet
+from metarec_runner.algos.metric import MatchingNet, ProtoNet, query_loss
 from metarec_runner.errors import ConfigError
 from metarec_runner.evaluate.summary import mean_ci
 from metarec_runner.models.fm import FactorizationMachine
@@ -105,6 +105,23 @@ def test_meta_step_lowers_query_loss_and_adapt_leaves_model_unchanged(cls, loss)
     for _ in range(30):
         last = algo.meta_step(batch)["loss"]
     assert last < first
+
+
+@pytest.mark.parametrize("cls", [ProtoNet, MatchingNet])
+def test_meta_step_descends_query_loss_plus_weighted_base_support_loss(cls):
+    algo = _algo(cls, "fm")
+    algo.support_weight = 0.5
+    batch = _batch()
+    params = [*algo.model.parameters(), *algo.net.parameters()]
+    before = [p.detach().clone() for p in params]
+    pred = algo.score(algo.context(batch), batch.query_x)
+    objective = (query_loss(pred, batch.query_y, batch.query_mask, "mse").mean()
+                 + 0.5 * query_loss(algo.model(batch.support_x), batch.support_y, batch.support_mask, "mse").mean())
+    grads = torch.autograd.grad(objective, params, allow_unused=True)
+    algo.meta_step(batch)  # plain SGD, lr 0.1
+    for p, b, g in zip(params, before, grads):
+        expected = b if g is None else b - 0.1 * g
+        assert (p.detach() - expected).abs().max() < TOL
 
 
 def test_matchingnet_attention_is_a_distribution_over_real_support_items():

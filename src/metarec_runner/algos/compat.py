@@ -53,6 +53,7 @@ MODEL_PROVIDES: dict[str, frozenset[str]] = {
 #: (``None`` = gradient-based: ``rowwise``, plus ``head`` under ``adapt: head``)
 ALGO_REQUIRES: dict[str, tuple[str, frozenset[str] | None]] = {
     "MAML": ("maml/fomaml", None),
+    "MetaSGD": ("metasgd", None),
     "Reptile": ("reptile", None),
     "GlobalModel": ("global", None),
     "Finetune": ("finetune", None),

@@ -32,7 +32,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metarec_runner.algos.base import AdaptedScorer, MetaAlgorithm
-from metarec_runner.algos.compat import capabilities, check_compatible, item_embedding, item_embedding_dim
+from metarec_runner.algos.compat import (
+    capabilities,
+    check_compatible,
+    item_embedding,
+    item_embedding_dim,
+)
 from metarec_runner.errors import ConfigError, require_choice, require_non_negative
 from metarec_runner.tasks.taskset import TaskBatch
 
@@ -89,8 +94,10 @@ class SupportConditioned(MetaAlgorithm):
         """The algorithm's own parameters for item embeddings of size ``dim``."""
         raise NotImplementedError
 
-    def context(self, batch: TaskBatch) -> Context:
-        """What the scorer keeps of each task's support set (tensors with a leading ``B``)."""
+    def context(self, batch: TaskBatch, support_scores: Tensor | None = None) -> Context:
+        """What the scorer keeps of each task's support set (tensors with a leading ``B``).
+
+        ``support_scores``: ``model(batch.support_x)`` ``[B, S]`` if already computed."""
         raise NotImplementedError
 
     def score(self, ctx: Context, x: Tensor) -> Tensor:
@@ -98,20 +105,20 @@ class SupportConditioned(MetaAlgorithm):
         raise NotImplementedError
 
     # -- shared pieces ---------------------------------------------------------------------
-    def residuals(self, batch: TaskBatch) -> Tensor:
+    def residuals(self, batch: TaskBatch, support_scores: Tensor | None = None) -> Tensor:
         """``[B, S]`` support residuals ``y - model(x)`` (0 on padding)."""
-        base = self.model(batch.support_x)
+        base = self.model(batch.support_x) if support_scores is None else support_scores
         if self.loss == "bce":
             base = torch.sigmoid(base)
         return (batch.support_y - base) * batch.support_mask.to(base.dtype)
 
     # -- the MetaAlgorithm interface ---------------------------------------------------------
     def meta_step(self, batch: TaskBatch) -> dict[str, float]:
-        pred = self.score(self.context(batch), batch.query_x)
+        base = self.model(batch.support_x) if self.support_weight > 0 else None  # [B, S]
+        pred = self.score(self.context(batch, base), batch.query_x)
         loss = query_loss(pred, batch.query_y, batch.query_mask, self.loss).mean()
         objective = loss
-        if self.support_weight > 0:
-            base = self.model(batch.support_x)
+        if base is not None:
             support = query_loss(base, batch.support_y, batch.support_mask, self.loss).mean()
             objective = loss + self.support_weight * support
         self._outer_update(objective)
@@ -152,11 +159,11 @@ class ProtoNet(SupportConditioned):
     def build_net(self, dim: int) -> nn.Module:
         return _Bilinear(dim)
 
-    def context(self, batch: TaskBatch) -> Context:
+    def context(self, batch: TaskBatch, support_scores: Tensor | None = None) -> Context:
         """``{"prototype": [B, d], "offset": [B]}``, or ``{"state": [B, H]}`` for a sequence model."""
         if self.sequence:
             return {"state": self.model.encode_support(batch.support_x, batch.support_y, batch.support_mask)}
-        r = self.residuals(batch)
+        r = self.residuals(batch, support_scores)
         m = batch.support_mask.to(r.dtype)
         n = m.sum(1).clamp_min(1.0)
         offset = r.sum(1) / n
@@ -194,9 +201,9 @@ class MatchingNet(SupportConditioned):
         """Projected item embeddings ``[B, L, d]``."""
         return item_embedding(self.model, x) @ self.net.project.T
 
-    def context(self, batch: TaskBatch) -> Context:
+    def context(self, batch: TaskBatch, support_scores: Tensor | None = None) -> Context:
         """``{"keys": [B, S, d], "residual": [B, S], "mask": [B, S]}``."""
-        return {"keys": self._keys(batch.support_x), "residual": self.residuals(batch),
+        return {"keys": self._keys(batch.support_x), "residual": self.residuals(batch, support_scores),
                 "mask": batch.support_mask}
 
     def attention(self, ctx: Context, x: Tensor) -> Tensor:
