@@ -38,6 +38,8 @@ def test_every_group_option_instantiates(group):
     # query_only works with every kind of task (full ranking needs user tasks)
     extra = ["evaluator=query_only"] if group == "splitter" else []
     for option in group_options(group):
+        if (group, option) == ("splitter", "saved"):
+            continue  # needs a saved file: tests/test_split_artifact.py runs it
         prep = Prepared(_compose(["+algo=maml", *FAST, *extra, f"{group}={option}"]))
         assert prep.model is not None
 

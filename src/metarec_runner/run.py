@@ -215,7 +215,12 @@ def train_task(cfg: DictConfig) -> float:
         fit = runner.fit(splits.train, splits.val)
         test = runner.test(splits.test)
         prep.tracker.log_metrics(test.summary, step=fit.best_epoch)
-        curve_files = _curves(prep, splits.test, out_dir, fit.best_epoch)
+        extra_files = _curves(prep, splits.test, out_dir, fit.best_epoch)
+        if cfg.save_split:  # the exact tasks, reloadable with splitter=saved splitter.path=...
+            from metarec_runner.tasks.saved import save_splits
+
+            save_splits(splits, prep.data, out_dir / "split.parquet")
+            extra_files.append("split.parquet")
         prep.tracker.log_metrics({"val/best_epoch": fit.best_epoch}, step=fit.best_epoch)
         (out_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
         (out_dir / "metrics.json").write_text(json.dumps(
@@ -226,7 +231,7 @@ def train_task(cfg: DictConfig) -> float:
         import pandas as pd
         pd.DataFrame(fit.history).to_csv(out_dir / "history.csv", index=False)
         for name in ("config_resolved.yaml", "metrics.json", "per_task.csv", "by_support_size.csv",
-                     "history.csv", *curve_files):
+                     "history.csv", *extra_files):
             prep.tracker.log_artifact(out_dir / name)
         if (out_dir / ".hydra").is_dir():
             prep.tracker.log_artifacts(out_dir / ".hydra", artifact_path="hydra")
