@@ -316,3 +316,17 @@ def test_metasgd_beats_global_on_the_toy_catalog():
     print(f"global rmse {g['rmse'].mean():.3f}, metasgd {m['rmse'].mean():.3f}, paired gain "
           f"{diff:.3f} ± {half:.3f} over {n} users in {time.perf_counter() - start:.0f} s")
     assert diff > 0.05 and diff - half > 0
+
+
+@pytest.mark.parametrize("scope", ["head", "all"])
+def test_reptile_gradients_equal_per_task_loop(scope):
+    from metarec_runner.algos.reference import per_task_reptile_gradients
+
+    batch = _batch(bags=scope == "all")
+    grads = []
+    for use_loop in (False, True):
+        algo = Reptile(_model(bags=scope == "all"), SGD, adapt=scope, inner_lr=0.2, inner_steps=3)
+        algo.optimizer.zero_grad(set_to_none=True)
+        per_task_reptile_gradients(algo, batch) if use_loop else algo.meta_gradients(batch)
+        grads.append([p.grad for p in algo.model.parameters()])
+    assert _max_diff(*grads) < TOL

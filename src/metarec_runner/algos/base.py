@@ -189,6 +189,18 @@ class MetaAlgorithm:
         """Inputs of :attr:`adapted_module` for feature rows ``x [B, L, F]``."""
         return self.model.body(x) if self.scope == "head" else x
 
+    def real_inputs(self, x: Tensor, mask: Tensor) -> Tensor:
+        """:meth:`inputs` computed on the real rows only (``mask [B, L]``), zeros on padding.
+
+        With ``adapt: head`` the body runs once on the packed real rows (support sets are
+        ragged: padding is often half the rows); padded rows' loss weights are zero, so every
+        loss, gradient and adapted weight is unchanged."""
+        if self.scope != "head" or bool(mask.all()):
+            return self.inputs(x)
+        real = self.model.body(x[mask])  # [N, D]
+        out = real.new_zeros(*mask.shape, real.shape[-1])
+        return out.index_put((mask,), real)
+
     def check_labels(self, batch: TaskBatch) -> None:
         """``bce`` needs 0/1 labels: raise a ConfigError naming ``loss`` otherwise."""
         if self.loss != "bce":
@@ -230,7 +242,7 @@ class MetaAlgorithm:
             return touched_inner_loop(self.model, batch.support_x, batch.support_y,
                                       batch.support_mask, lr, steps, create_graph, detach,
                                       self.loss)
-        inputs = self.inputs(batch.support_x)
+        inputs = self.real_inputs(batch.support_x, batch.support_mask)
         if self.uses_fixed_input_path(lr, batch.support_x.shape[1], steps):
             fast, losses = fixed_input_inner_loop(
                 self.adapted_module, inputs, batch.support_y, batch.support_mask, lr, steps,
@@ -251,8 +263,9 @@ class MetaAlgorithm:
         """Query scores after ``steps`` support SGD steps, differentiable w.r.t. the model.
 
         The same numbers as :meth:`adapt_fast` (``detach=False``) then :meth:`predict` on
-        ``batch.query_x``, faster: one body pass over support and query rows together, and no
-        per-task first-layer weights where the fixed-input path applies.
+        ``batch.query_x``, faster: one body pass over the real support and query rows together
+        (padded support rows skipped, :meth:`real_inputs`), and no per-task first-layer weights
+        where the fixed-input path applies.
 
         Returns:
             ``(scores [B, Q], [per-task support loss [B] before each step])``.
@@ -264,7 +277,8 @@ class MetaAlgorithm:
             )
             return fast.forward(batch.query_x), losses
         rows = torch.cat([batch.support_x, batch.query_x], 1)
-        support, query = self.inputs(rows).split(
+        mask = torch.cat([batch.support_mask, torch.ones_like(batch.query_mask)], 1)
+        support, query = self.real_inputs(rows, mask).split(
             [batch.support_x.shape[1], batch.query_x.shape[1]], dim=1
         )
         if self.uses_fixed_input_path(lr, batch.support_x.shape[1], steps):

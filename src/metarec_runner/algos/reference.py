@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from metarec_runner.algos.base import MetaAlgorithm
+from metarec_runner.algos.base import MetaAlgorithm, SupportSGD
 from metarec_runner.algos.functional import pointwise_loss
 from metarec_runner.tasks.taskset import TaskBatch
 
@@ -65,3 +65,43 @@ def per_task_meta_loss(
             aux = pointwise_loss(algo.model(batch.support_x[b, :s_n]), s_y, loss).mean()
             total = total + aux_weight * aux
     return total / batch.size
+
+
+def per_task_reptile_gradients(algo: SupportSGD, batch: TaskBatch) -> Tensor:
+    """Reptile's outer "gradients", one task at a time: sets ``.grad`` of every model parameter
+    as :meth:`~metarec_runner.algos.reptile.Reptile.meta_gradients` does (full parameter tensors,
+    scalar step size, ``mse``, no auxiliary term).
+
+    Returns:
+        The mean query loss at the adapted weights (scalar).
+    """
+    module = algo.adapted_module
+    names = [n for n, _ in module.named_parameters()]
+    base = {n: p.detach() for n, p in module.named_parameters()}
+    phi_sum = {n: torch.zeros_like(p) for n, p in base.items()}
+    algo.optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), dtype=batch.support_y.dtype)
+    for b in range(batch.size):
+        s_n = int(batch.support_mask[b].sum())
+        q_n = int(batch.query_mask[b].sum())
+        s_in = algo.inputs(batch.support_x[b, :s_n]).detach()
+        s_y, q_y = batch.support_y[b, :s_n], batch.query_y[b, :q_n]
+        fast = {n: p.clone().requires_grad_(True) for n, p in base.items()}
+        with torch.enable_grad():
+            for _ in range(algo.inner_steps):
+                inner = ((functional_call(module, fast, (s_in,)) - s_y) ** 2).mean()
+                grads = torch.autograd.grad(inner, [fast[n] for n in names])
+                fast = {n: (fast[n] - algo.inner_lr * g).detach().requires_grad_(True)
+                        for n, g in zip(names, grads)}
+        fast = {n: p.detach() for n, p in fast.items()}
+        for n in names:
+            phi_sum[n] += fast[n]
+        q_in = algo.inputs(batch.query_x[b, :q_n])
+        total = total + ((functional_call(module, fast, (q_in,)) - q_y) ** 2).mean()
+    loss = total / batch.size
+    if loss.requires_grad:
+        loss.backward()
+    for n, p in module.named_parameters():
+        delta = p.detach() - phi_sum[n] / batch.size
+        p.grad = delta if p.grad is None else p.grad + delta
+    return loss.detach()

@@ -45,6 +45,13 @@ class Reptile(SupportSGD):
 
     def meta_step(self, batch: TaskBatch) -> dict[str, float]:
         self.check_labels(batch)
+        stats = self.meta_gradients(batch)
+        self.optimizer.step()
+        return stats
+
+    def meta_gradients(self, batch: TaskBatch) -> dict[str, float]:
+        """Set every parameter's ``.grad`` to Reptile's outer "gradient" (see the module
+        docstring) without stepping; returns the diagnostics of :meth:`meta_step`."""
         with torch.enable_grad():
             fast, inner_losses = self.adapt_fast(
                 batch, self.step_sizes(), self.inner_steps, create_graph=False, detach=True
@@ -65,7 +72,6 @@ class Reptile(SupportSGD):
         for name, p in self.adapted_module.named_parameters():
             delta = p.detach() - task_mean(fast, name)
             p.grad = delta if p.grad is None else p.grad + delta
-        self.optimizer.step()
         return stats
 
     @staticmethod

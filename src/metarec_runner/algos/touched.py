@@ -80,16 +80,27 @@ def _gather(values: Tensor, pos: Tensor) -> Tensor:
 
 class _LocalTables:
     """The model run on per-task local tables: ``forward_batched(params, local)`` with
-    ``params[table] [B, U, d]`` and ``local [B, L, C]`` positions into it (-1 = contributes
-    nothing). Lets :func:`~metarec_runner.algos.functional.inner_loop` adapt local tables."""
+    ``params[table] [B, U, d]`` and ``local [B, L, C]`` flat positions into the tables
+    extended by one zero row each (see :func:`_flat_local`). Lets
+    :func:`~metarec_runner.algos.functional.inner_loop` adapt local tables."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
     def forward_batched(self, params: Params, local: Tensor) -> Tensor:
-        keep = local >= 0
-        emb = _gather(params[self.model.table_name], local.clamp_min(0))
-        return self.model.forward_rows(params, emb, keep)
+        values = params[self.model.table_name]  # [B, U, d]
+        batch, _, dim = values.shape
+        table = torch.cat([values, values.new_zeros(batch, 1, dim)], 1).reshape(-1, dim)
+        emb = table.index_select(0, local.reshape(-1)).view(*local.shape, dim)
+        return self.model.forward_rows(params, emb, None)
+
+
+def _flat_local(pos: Tensor, keep: Tensor, width: int) -> Tensor:
+    """Positions ``pos [B, L, C]`` into ``[B, U]`` tables as flat row numbers of the
+    ``[B * (U + 1), d]`` stack of the tables each extended by a zero row; entries not kept
+    point at their task's zero row (they contribute nothing, with no mask multiply)."""
+    task = torch.arange(pos.shape[0], device=pos.device).view(-1, 1, 1)
+    return task * (width + 1) + torch.where(keep, pos, width)
 
 
 class TouchedFastWeights(Mapping):
@@ -189,7 +200,7 @@ def touched_inner_loop(
     rows = touched_rows(codes, keep, n_rows)
     gather_rows = rows.clamp_max(n_rows - 1)
     pos, hit = locate(rows, codes)
-    local = torch.where(keep & hit, pos, -1)  # padding rows and empty bag slots read nothing
+    local = _flat_local(pos, keep & hit, rows.shape[1])  # padding and empty bag slots read 0
     values = base[gather_rows]  # [B, U, d]
     if detach:
         values.requires_grad_(True)

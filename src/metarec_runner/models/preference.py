@@ -133,6 +133,15 @@ class PreferenceEstimator(nn.Module):
         bag_sum = torch.zeros(len(fields), len(columns))
         bag_sum[column_field, torch.arange(len(columns))] = 1.0
         self.register_buffer("bag_sum", bag_sum, persistent=False)
+        # column spans for forward_rows: runs of single-column fields, and one span per bag field
+        spans: list[tuple[int, int, bool]] = []
+        for j, f in enumerate(fields):
+            start, width = column_field.index(j), column_field.count(j)
+            if width == 1 and spans and not spans[-1][2] and spans[-1][1] == start:
+                spans[-1] = (spans[-1][0], start + 1, False)
+            else:
+                spans.append((start, start + width, width > 1))
+        self.field_spans = tuple(spans)
         self.embedding = nn.Embedding(int(cards.sum()), embedding_dim)
         nn.init.normal_(self.embedding.weight, std=0.1)
         self.head = MLPHead(len(idx) * embedding_dim, list(hidden), output_bias=rating_mean)
@@ -198,8 +207,8 @@ class PreferenceEstimator(nn.Module):
         """
         if keep is not None:
             emb = emb * keep.unsqueeze(-1).to(emb.dtype)
-        if self.has_bags:
-            h = torch.matmul(self.bag_sum.to(emb.dtype), emb).flatten(-2)
-        else:
-            h = emb.flatten(-2)
-        return self.head.forward_batched(params, h, prefix="head.")
+        if self.has_bags:  # sums over each bag's column span (cheaper than the bag_sum matmul)
+            spans = emb.split([b - a for a, b, _ in self.field_spans], dim=-2)
+            emb = torch.cat([part.sum(-2, keepdim=True) if bag else part
+                             for part, (_, _, bag) in zip(spans, self.field_spans)], -2)
+        return self.head.forward_batched(params, emb.flatten(-2), prefix="head.")
