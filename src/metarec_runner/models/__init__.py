@@ -1,1 +1,7 @@
-"""Base models: plain ``nn.Module``s split into a shared ``body`` and an adaptable ``head``."""
+"""Base models: plain ``nn.Module``s split into a shared ``body`` and an adaptable ``head``.
+
+``preference`` (MeLU, ``model=melu``), ``mf``, ``fm``, ``linear``, ``mlp`` score feature rows on
+their own; ``gru`` reads the user's support sequence. ``fields`` holds the shared field
+embeddings and the user-vector head. What each provides (``head``, ``item_embedding``,
+``sequence``) and which algorithms accept it: ``metarec_runner.algos.compat``.
+"""
