@@ -207,9 +207,10 @@ def swept_keys(runs: pd.DataFrame, aggregate: Sequence[str] = AGGREGATED_KEYS) -
     """
     keys = []
     for col in runs.columns:
-        if col.startswith(OVERRIDE_PREFIX) and col[len(OVERRIDE_PREFIX):] not in aggregate:
-            if runs[col].fillna("<unset>").nunique() > 1:
-                keys.append(col[len(OVERRIDE_PREFIX):])
+        key = col[len(OVERRIDE_PREFIX):]
+        if col.startswith(OVERRIDE_PREFIX) and key not in aggregate \
+                and runs[col].fillna("<unset>").nunique() > 1:
+            keys.append(key)
     return keys
 
 
