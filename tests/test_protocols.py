@@ -203,3 +203,62 @@ def test_ml100k_all_unseen_candidate_counts():
     expected = [data.n_items - rated[u] + 10 for u in res.per_task.task_id]
     assert res.per_task.n_candidates.tolist() == expected
     assert res.summary["test/ref/oracle/ndcg_at_10"] == 1.0
+
+
+def test_cut_offs_are_checked_against_each_users_own_candidate_count():
+    # user 1 rated 5 of 10 items: 5 unrated + 2 query = 7 candidates, so recall@7 is trivial
+    ev = Evaluator(protocol="all_unseen", ks=(7,), metrics=["recall"]).bind(CATALOG)
+    with pytest.raises(ConfigError, match=r"cut-offs \[7\] are >= the smallest candidate set \(7 items"):
+        ev.check_tasks(_tasks(), "test")
+    Evaluator(protocol="all_unseen", ks=(6,), metrics=["recall"]).bind(CATALOG).check_tasks(_tasks(), "test")
+
+
+def test_no_relevant_item_anywhere_is_refused():
+    ev = Evaluator(protocol="all_unseen", ks=(1,), metrics=["ndcg"], relevance_threshold=6.0).bind(CATALOG)
+    with pytest.raises(ConfigError, match="no test task has a relevant query item under rating >= "
+                                          "relevance_threshold=6"):
+        ev.evaluate(_ByItem(), _tasks(), "test", torch.device("cpu"))
+
+
+def test_support_items_are_never_candidates_even_when_not_in_the_ratings():
+    # implicit feedback: support holds a sampled negative (item 9) that the data never rated
+    tasks = _tasks()
+    sx = tasks.support_x.clone()
+    sx[1, 1] = 9
+    tasks = TaskSet(tasks.task_ids, sx, tasks.support_y, tasks.support_offsets, tasks.query_x, tasks.query_y,
+                    tasks.query_offsets)
+    ev = Evaluator(protocol="all_unseen", ks=(1,), metrics=["ndcg"]).bind(CATALOG)
+    per_task = ev.evaluate(_ByItem(), tasks, "test", torch.device("cpu")).per_task
+    assert per_task.n_candidates.tolist() == [7, 7]  # user 0 loses item 9 too
+
+
+def test_sampled_negatives_never_repeat_a_query_item():
+    # query items 8 and 9 are unrated by the catalog (implicit negatives): they must not be drawn again
+    items = torch.tensor([[8, 9]])
+    y = torch.tensor([[1.0, 0.0]])
+    qmask = torch.ones(1, 2, dtype=torch.bool)
+    for seed in range(20):
+        c = build_candidates("sampled", CATALOG, torch.tensor([0]), items, y, qmask, y >= 1, n_negatives=4,
+                             generator=torch.Generator().manual_seed(seed))
+        assert len(set(c.items[0].tolist())) == 6
+    with pytest.raises(ConfigError, match="left only 4 unrated"):
+        build_candidates("sampled", CATALOG, torch.tensor([0]), items, y, qmask, y >= 1, n_negatives=5)
+
+
+def test_oracle_reference_is_perfect_under_full_ranking_with_top_n_ties():
+    # user 0's query ratings tie (3, 3): relevance picks the earlier query item (item 3, by position)
+    tasks = _tasks()
+    qx = torch.tensor([[0, 3], [0, 2], [1, 6], [1, 7]])
+    tasks = TaskSet(tasks.task_ids, tasks.support_x, tasks.support_y, tasks.support_offsets, qx,
+                    torch.tensor([3.0, 3.0, 4.0, 1.0]), tasks.query_offsets)
+    ev = Evaluator(protocol="all_unseen", ks=(1,), metrics=["ndcg"], relevance="top_n", top_n=1).bind(CATALOG)
+    res = ev.evaluate(_ByItem(), tasks, "test", torch.device("cpu"))
+    assert res.summary["test/ref/oracle/ndcg_at_1"] == 1.0
+
+
+def test_an_empty_split_is_a_one_line_error():
+    empty = TaskSet(torch.zeros(0, dtype=torch.long), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0),
+                    torch.zeros(1, dtype=torch.long), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0),
+                    torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ConfigError, match="the val split has no tasks"):
+        Evaluator(protocol="query_only").evaluate(_ByItem(), empty, "val", torch.device("cpu"))

@@ -5,7 +5,8 @@ Three protocols (``evaluator.protocol``):
 * ``query_only``: the task's own query items (older papers; the RecBole-MetaRec peer). With few,
   heavily tied candidates the ranking floor is high, so reference scorers are reported beside it.
 * ``all_unseen`` (the realistic default): every catalog item except those the user rated outside
-  the query set, i.e. the support items and any rated item held out of both sets. Items the user
+  the query set and the support items, i.e. the support items and any rated item held out of
+  both sets. Items the user
   never rated are candidates with unknown rating: they count as not relevant.
 * ``sampled``: the query items plus ``n_negatives`` items the user never rated, drawn uniformly
   without replacement per task with a seeded generator.
@@ -56,6 +57,10 @@ class Catalog:
         offsets = np.concatenate([[0], np.cumsum(counts)])
         return cls(data.n_items, torch.from_numpy(offsets), torch.from_numpy(items[order].copy()),
                    data.feature_rows)
+
+    def rated_counts(self, users: Tensor) -> Tensor:
+        """``[B]`` number of items each user rated."""
+        return self.rated_offsets[users + 1] - self.rated_offsets[users]
 
     def rated_mask(self, users: Tensor) -> Tensor:
         """``Bool[B, n_items]``: True where user ``users[b]`` rated the item."""
@@ -114,6 +119,8 @@ def build_candidates(
     query_relevant: Tensor,
     n_negatives: int = 100,
     generator: torch.Generator | None = None,
+    support_items: Tensor | None = None,
+    support_mask: Tensor | None = None,
 ) -> Candidates:
     """Candidates of ``B`` user tasks for a full-ranking protocol (CPU tensors).
 
@@ -126,9 +133,15 @@ def build_candidates(
         query_relevant: ``Bool[B, Q]`` relevance of each query item.
         n_negatives: ``sampled``: never-rated items drawn per task.
         generator: ``sampled``: the seeded random source.
+        support_items: ``[B, S]`` item codes of the support sets (with ``support_mask``): never
+            candidates, even when the data does not hold them as ratings (e.g. sampled
+            negatives of implicit feedback, which the model saw with label 0).
     """
     b = len(users)
     rated = catalog.rated_mask(users)
+    if support_items is not None:
+        row = torch.arange(b)[:, None].expand_as(support_items)[support_mask]
+        rated[row, support_items[support_mask]] = True
     if protocol == "all_unseen":
         row = torch.arange(b)[:, None].expand_as(query_items)[query_mask]
         col = query_items[query_mask]
@@ -143,7 +156,9 @@ def build_candidates(
         return Candidates(items, mask, target, relevant, is_query, users)
     if protocol != "sampled":
         raise ValueError(f"build_candidates handles all_unseen and sampled, got {protocol!r}")
-    unrated = catalog.n_items - rated.sum(-1)
+    taken = rated.clone()
+    taken[torch.arange(b)[:, None].expand_as(query_items)[query_mask], query_items[query_mask]] = True
+    unrated = catalog.n_items - taken.sum(-1)
     if int(unrated.min()) < n_negatives:
         worst = int(unrated.argmin())
         raise ConfigError(
@@ -152,7 +167,9 @@ def build_candidates(
             f"{int(unrated[worst])} unrated items of {catalog.n_items}; lower evaluator.n_negatives",
         )
     keys = torch.rand(b, catalog.n_items, generator=generator)
-    keys = keys.masked_fill(rated, 2.0)  # rated items are never drawn
+    keys = keys.masked_fill(rated, 2.0)  # rated and support items are never drawn
+    q_row = torch.arange(b)[:, None].expand_as(query_items)[query_mask]
+    keys[q_row, query_items[query_mask]] = 2.0  # nor query items (unrated ones: implicit negatives)
     negatives = torch.topk(keys, n_negatives, dim=-1, largest=False).indices  # uniform, no replacement
     items = torch.cat([query_items, negatives], 1)
     ones = torch.ones(b, n_negatives, dtype=torch.bool)

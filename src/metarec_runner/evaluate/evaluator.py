@@ -180,8 +180,13 @@ class Evaluator:
                 raise ConfigError("evaluator.protocol", f"protocol={self.protocol} needs the catalog "
                                   "(Evaluator.bind(Catalog.from_interactions(data)))")
         min_query = int(tasks.query_sizes.min())
-        min_candidates = {"query_only": min_query, "sampled": min_query + self.n_negatives}.get(
-            self.protocol, self.catalog.n_items if self.catalog is not None else min_query)
+        if self.protocol == "query_only":
+            min_candidates = min_query
+        elif self.protocol == "sampled":
+            min_candidates = min_query + self.n_negatives
+        else:  # unrated items plus the query; support items are rated (or excluded) too
+            unrated = self.catalog.n_items - self.catalog.rated_counts(tasks.task_ids)
+            min_candidates = int((unrated + tasks.query_sizes).min())
         trivial = [m for m in self.metrics if m in _TRIVIAL_AT_K]
         bad = [k for k in self.ks if k >= min_candidates] if trivial else []
         if bad:
@@ -191,15 +196,16 @@ class Evaluator:
                 f"{self.protocol}): {', '.join(trivial)}@k would not depend on the ranking; use cut-offs "
                 f"below {min_candidates}, raise splitter.n_query or use another protocol",
             )
-        if self.relevance == "top_n" and self.top_n >= min_query:
+        if self.protocol == "query_only" and self.relevance == "top_n" and self.top_n >= min_query:
             raise ConfigError(
                 "evaluator.top_n",
                 f"top_n={self.top_n} is >= the smallest query set ({min_query} items): every query item "
                 f"would be relevant; use top_n below {min_query} or raise splitter.n_query",
             )
+        full = tasks.batch(torch.arange(len(tasks)))
+        relevant = self.relevant(full.query_y, full.query_mask, torch.Generator().manual_seed(self.seed))
+        self._refuse_no_relevant(relevant, split)
         if self.protocol == "query_only":
-            full = tasks.batch(torch.arange(len(tasks)))
-            relevant = self.relevant(full.query_y, full.query_mask, torch.Generator().manual_seed(self.seed))
             self._refuse_all_relevant(relevant, full.query_mask, tasks.task_ids, split)
 
     def check_query_size(self, min_query: int) -> None:
@@ -218,6 +224,18 @@ class Evaluator:
                 "evaluator.top_n",
                 f"top_n={self.top_n} is >= the smallest query set ({min_query} items): every query item "
                 f"would be relevant; use top_n below {min_query} or raise splitter.n_query",
+            )
+
+    def _refuse_no_relevant(self, relevant: torch.Tensor, split: str) -> None:
+        """Raise if no task has a relevant item: every ranking metric would be undefined."""
+        if relevant.numel() and not bool(relevant.any()):
+            rule = (f"rating >= relevance_threshold={self.threshold:g}" if self.relevance == "threshold"
+                    else f"top_n={self.top_n}")
+            raise ConfigError(
+                "evaluator.relevance_threshold",
+                f"no {split} task has a relevant query item under {rule}: every ranking metric would be "
+                "undefined; lower evaluator.relevance_threshold to the data's scale (e.g. 1 for 0/1 "
+                "labels, 0.75 for ratings rescaled to [0, 1]) or use evaluator.relevance=top_n",
             )
 
     def _refuse_all_relevant(self, relevant: torch.Tensor, mask: torch.Tensor, task_ids: torch.Tensor,
@@ -303,6 +321,8 @@ class Evaluator:
         Bayes-optimal ``floor_rmse`` when the data knows it) plus ``{split/metric,
         split/metric_ci95}`` (and ``_ci_lo``/``_ci_hi`` with ``ci="bootstrap"``).
         """
+        if len(tasks) == 0:
+            raise ConfigError("splitter.ratios", f"the {split} split has no tasks; give it a larger share")
         self.check_tasks(tasks, split)
         algo.model.eval()
         columns: dict[str, list] = {"task_id": [], "n_support": [], "n_query": [], "n_candidates": [],
@@ -328,6 +348,7 @@ class Evaluator:
                 cands = build_candidates(
                     self.protocol, self.catalog, tasks.task_ids[idx], cpu_batch.query_x[..., -1],
                     batch.query_y.cpu(), batch.query_mask.cpu(), rel_q.cpu(), self.n_negatives, negatives,
+                    cpu_batch.support_x[..., -1], cpu_batch.support_mask,
                 )
                 pred = self._score_candidates(scorer, cands, device, dtype)
                 target, mask = cands.target.to(device, dtype), cands.mask.to(device)
@@ -368,15 +389,17 @@ class Evaluator:
     def reference_metrics(self, target: torch.Tensor, mask: torch.Tensor, relevant: torch.Tensor,
                           is_query: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Ranking metrics ``[B]`` of the random, constant and oracle scorers on the same
-        candidates, as ``ref/<scorer>/<metric>``. The oracle scores query items by their true
-        rating and every other candidate below all ratings. Under query-only candidates these are
+        candidates, as ``ref/<scorer>/<metric>``. The oracle ranks the relevant items first (ties
+        among true ratings exactly as relevance broke them), then the other query items by true
+        rating, then every other candidate. Under query-only candidates these are
         the numbers a model must be read against: with tied ratings a constant score can sit well
         above random."""
         lowest = target.masked_fill(~is_query, float("inf")).amin().clamp(max=0.0) - 1.0
         scorers = {
             "random": torch.rand(target.shape, generator=generator).to(target),
             "constant": torch.zeros_like(target),
-            "oracle": torch.where(is_query, target, lowest.expand_as(target)),
+            "oracle": torch.where(is_query, target, lowest.expand_as(target))
+            + relevant.to(target.dtype) * (target.abs().amax() - lowest + 1.0),
         }
         out: dict[str, torch.Tensor] = {}
         for name, pred in scorers.items():

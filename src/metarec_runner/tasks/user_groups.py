@@ -140,7 +140,7 @@ class UserGroups(UserColdStart):
     def __init__(
         self,
         group_by: str = "kmeans",
-        kmeans_on: str = "ratings",
+        kmeans_on: str = "features",
         n_groups: int = 40,
         kmeans_iters: int = 50,
         ratios: Sequence[float] = (0.7, 0.1, 0.2),
