@@ -264,8 +264,9 @@ class MetaAlgorithm:
 
         The same numbers as :meth:`adapt_fast` (``detach=False``) then :meth:`predict` on
         ``batch.query_x``, faster: one body pass over the real support and query rows together
-        (padded support rows skipped, :meth:`real_inputs`), and no per-task first-layer weights
-        where the fixed-input path applies.
+        (padded support rows skipped, :meth:`real_inputs`; in first order the support rows run
+        without autograd, since no meta-gradient flows through them), and no per-task
+        first-layer weights where the fixed-input path applies.
 
         Returns:
             ``(scores [B, Q], [per-task support loss [B] before each step])``.
@@ -276,11 +277,16 @@ class MetaAlgorithm:
                 create_graph, loss=self.loss,
             )
             return fast.forward(batch.query_x), losses
-        rows = torch.cat([batch.support_x, batch.query_x], 1)
-        mask = torch.cat([batch.support_mask, torch.ones_like(batch.query_mask)], 1)
-        support, query = self.real_inputs(rows, mask).split(
-            [batch.support_x.shape[1], batch.query_x.shape[1]], dim=1
-        )
+        if create_graph:
+            rows = torch.cat([batch.support_x, batch.query_x], 1)
+            mask = torch.cat([batch.support_mask, torch.ones_like(batch.query_mask)], 1)
+            support, query = self.real_inputs(rows, mask).split(
+                [batch.support_x.shape[1], batch.query_x.shape[1]], dim=1
+            )
+        else:  # first order: support inputs reach the meta-loss only through constant gradients
+            with torch.no_grad():
+                support = self.real_inputs(batch.support_x, batch.support_mask)
+            query = self.inputs(batch.query_x)
         if self.uses_fixed_input_path(lr, batch.support_x.shape[1], steps):
             fast, losses = fixed_input_inner_loop(
                 self.adapted_module, support, batch.support_y, batch.support_mask, lr, steps,

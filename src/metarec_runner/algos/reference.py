@@ -52,7 +52,8 @@ def per_task_meta_loss(
     for b in range(batch.size):
         s_n = int(batch.support_mask[b].sum())
         q_n = int(batch.query_mask[b].sum())
-        s_in = algo.inputs(batch.support_x[b, :s_n])
+        with torch.set_grad_enabled(not first_order):  # first order: no meta-gradient here
+            s_in = algo.inputs(batch.support_x[b, :s_n])
         q_in = algo.inputs(batch.query_x[b, :q_n])
         s_y, q_y = batch.support_y[b, :s_n], batch.query_y[b, :q_n]
         fast = dict(base)
