@@ -42,7 +42,9 @@ def test_every_group_option_instantiates(group):
             continue  # needs a saved file: tests/test_split_artifact.py runs it
         # gru needs an algo that hands it the support set (algos/compat.py refuses it with maml)
         algo = "protonet" if (group, option) == ("model", "gru") else "maml"
-        prep = Prepared(_compose([f"+algo={algo}", *FAST, *extra, f"{group}={option}"]))
+        # implicit labels are 0/1: relevance starts at 1 (the default threshold 4 is refused)
+        labels = ["evaluator.relevance_threshold=1"] if (group, option) == ("splitter", "implicit") else []
+        prep = Prepared(_compose([f"+algo={algo}", *FAST, *extra, *labels, f"{group}={option}"]))
         assert prep.model is not None
 
 

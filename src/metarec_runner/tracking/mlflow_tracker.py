@@ -46,7 +46,8 @@ class MlflowTracker:
             path is made absolute against the current directory).
         experiment: experiment name, created on first use.
         run_name: the run's ``mlflow.runName``.
-        artifact_location: artifact root, used only when the experiment is created.
+        artifact_location: artifact root, used only when the experiment is created; a local
+            folder is ignored for a remote (http) tracking server, which stores artifacts itself.
     """
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str | None = None,
@@ -86,8 +87,10 @@ class MlflowTracker:
         if exp is None:
             try:
                 location = self.artifact_location
+                remote = self.tracking_uri.startswith(("http://", "https://", "databricks"))
                 if location is not None and "://" not in location:
-                    location = Path(location).resolve().as_uri()
+                    # a local folder is the client's: a tracking server keeps its own artifact root
+                    location = None if remote else Path(location).resolve().as_uri()
                 return self._client.create_experiment(self.experiment, location)
             except MlflowException:
                 if (exp := self._client.get_experiment_by_name(self.experiment)) is None:
