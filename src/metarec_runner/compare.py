@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -244,6 +245,8 @@ class PerTaskCache:
             path = dst / PER_TASK_FILE
             if not path.is_file():
                 if self._client_obj is None:
+                    # one progress bar per downloaded table would bury the comparison on stderr
+                    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
                     self._client_obj = _client(self.tracking_uri)
                 dst.mkdir(parents=True, exist_ok=True)
                 try:
