@@ -176,7 +176,7 @@ def test_item_bad_settings_name_the_key(data):
 
 @pytest.mark.parametrize("overrides", [
     ["splitter=temporal"],
-    ["splitter=item_cold_start", "splitter.min_interactions=20", "splitter.n_query=10"],
+    ["splitter=item_cold_start", "splitter.min_interactions=20", "splitter.n_query=10", "evaluator=query_only"],
 ], ids=["temporal", "item_cold_start"])
 def test_one_meta_epoch_through_hydra(overrides):
     with initialize_config_dir(config_dir=str(metarec_runner.paths.conf_dir()), version_base="1.3"):
