@@ -330,3 +330,24 @@ def test_reptile_gradients_equal_per_task_loop(scope):
         per_task_reptile_gradients(algo, batch) if use_loop else algo.meta_gradients(batch)
         grads.append([p.grad for p in algo.model.parameters()])
     assert _max_diff(*grads) < TOL
+
+
+def test_global_and_finetune_train_on_bce_when_asked():
+    """The non-meta baselines take the same ``loss``: one SGD step on the written-out BCE."""
+    from metarec_runner.algos.baselines import GlobalModel
+
+    batch = _batch(binary=True)
+    algo = GlobalModel(_model(), functools.partial(torch.optim.SGD, lr=0.1), loss="bce")
+    ref = _model()
+    rows = [(batch.support_x, batch.support_y, batch.support_mask), (batch.query_x, batch.query_y, batch.query_mask)]
+    logits = torch.cat([ref(x)[m] for x, _, m in rows])
+    labels = torch.cat([y[m] for _, y, m in rows])
+    grads = torch.autograd.grad(_bce(logits, labels), list(ref.parameters()))
+    expected = [p.detach() - 0.1 * g for p, g in zip(ref.parameters(), grads)]
+    stats = algo.meta_step(batch)
+    assert abs(stats["loss"] - _f(_bce(logits, labels))) < TOL
+    assert _max_diff(list(algo.model.parameters()), expected) < TOL
+    with pytest.raises(ConfigError, match="^loss: bce needs labels"):
+        GlobalModel(_model(), SGD, loss="bce").meta_step(_batch())
+    tuned = Finetune(_model(), SGD, loss="bce")
+    assert tuned.loss == "bce"

@@ -13,24 +13,32 @@ import torch
 from torch import nn
 
 from metarec_runner.algos.base import AdaptedScorer, MetaAlgorithm
+from metarec_runner.algos.functional import pointwise_loss
 from metarec_runner.errors import require_positive
 from metarec_runner.tasks.taskset import TaskBatch
 
 
 class GlobalModel(MetaAlgorithm):
-    """Plain supervised training on all interactions of the meta-train users; no adaptation."""
+    """Plain supervised training on all interactions of the meta-train users; no adaptation.
+
+    Args:
+        model, meta_optimizer: see :class:`MetaAlgorithm`.
+        loss: ``mse`` (ratings) or ``bce`` (0/1 labels; scores are logits).
+    """
 
     adapts = False
 
     def __init__(
-        self, model: nn.Module, meta_optimizer: Callable[..., torch.optim.Optimizer]
+        self, model: nn.Module, meta_optimizer: Callable[..., torch.optim.Optimizer], loss: str = "mse"
     ) -> None:
-        super().__init__(model, meta_optimizer, adapt="all")
+        super().__init__(model, meta_optimizer, adapt="all", loss=loss)
 
     def meta_step(self, batch: TaskBatch) -> dict[str, float]:
+        """One optimizer step on the mean loss over every real support and query row."""
+        self.check_labels(batch)
         pred_s, pred_q = self.model(batch.support_x), self.model(batch.query_x)
-        err = torch.cat([(pred_s - batch.support_y) ** 2 * batch.support_mask,
-                         (pred_q - batch.query_y) ** 2 * batch.query_mask], dim=1)
+        err = torch.cat([pointwise_loss(pred_s, batch.support_y, self.loss) * batch.support_mask,
+                         pointwise_loss(pred_q, batch.query_y, self.loss) * batch.query_mask], dim=1)
         n = batch.support_mask.sum() + batch.query_mask.sum()
         loss = err.sum() / n
         self._outer_update(loss)
@@ -44,7 +52,7 @@ class Finetune(GlobalModel):
     """Global model, then ``finetune_steps`` SGD steps per test user on its support set.
 
     Args:
-        model, meta_optimizer: as :class:`GlobalModel`.
+        model, meta_optimizer, loss: as :class:`GlobalModel` (``loss`` also drives fine-tuning).
         adapt: which parameters fine-tune (``head`` or ``all``).
         finetune_lr: SGD step size at adaptation time.
         finetune_steps: SGD steps at adaptation time.
@@ -59,8 +67,9 @@ class Finetune(GlobalModel):
         adapt: str = "head",
         finetune_lr: float = 0.05,
         finetune_steps: int = 5,
+        loss: str = "mse",
     ) -> None:
-        MetaAlgorithm.__init__(self, model, meta_optimizer, adapt)
+        MetaAlgorithm.__init__(self, model, meta_optimizer, adapt, loss=loss)
         require_positive("finetune_lr", finetune_lr)
         require_positive("finetune_steps", finetune_steps)
         self.finetune_lr = float(finetune_lr)
