@@ -20,6 +20,7 @@ from metarec_runner.models.gru import GRUSequenceModel
 from metarec_runner.models.linear import LinearModel
 from metarec_runner.models.mf import MatrixFactorization
 from metarec_runner.models.mlp import MLPRecommender
+from metarec_runner.models.preference import FUSED_BAG_MIN_ROWS, PreferenceEstimator
 from metarec_runner.paths import conf_dir, group_options
 from metarec_runner.run import build
 from tests.conftest import SMALL_SCHEMA, random_taskset
@@ -230,3 +231,32 @@ def test_item_fields_must_exist(name):
     cls = {**ROWWISE, "gru": GRUSequenceModel}[name]
     with pytest.raises(ConfigError, match="item_fields"):
         cls(SMALL_SCHEMA, item_fields=["colour"])
+
+
+@pytest.mark.parametrize("rows", [5, FUSED_BAG_MIN_ROWS + 40])
+def test_melu_body_fused_bags_equal_pooled_lookup(rows):
+    """Above FUSED_BAG_MIN_ROWS rows the body pools bags with embedding_bag, below it with the
+    bag_sum matmul: both equal the written-out sum of each field's token embeddings, values
+    and embedding gradients (float64), for 2-d and 3-d inputs with empty bag slots."""
+    torch.manual_seed(0)
+    model = PreferenceEstimator(BAG_SCHEMA, embedding_dim=4, hidden=(8,)).double()
+    g = torch.Generator().manual_seed(3)
+    x = torch.stack([torch.randint(0, c, (rows,), generator=g)
+                     for c in (3, 6, 6, 6, 5, 20, 30)], -1)  # a, genre x3, b, user_id, item_id
+    x[:, 1:4][torch.rand(rows, 3, generator=g) < 0.4] = -1  # empty bag slots (some bags empty)
+    weight = model.embedding.weight  # field blocks: a 0-2, genre 3-8, b 9-13, item_id 14-43
+    expected = torch.cat([
+        weight[x[:, 0]],
+        sum(weight[3 + x[:, c].clamp_min(0)] * (x[:, c] >= 0).double().unsqueeze(-1)
+            for c in (1, 2, 3)),
+        weight[9 + x[:, 4]],
+        weight[14 + x[:, 6]],
+    ], -1)
+    for shape in ((rows, -1), (1, rows, -1)):
+        got = model.body(x.reshape(*shape[:-1], x.shape[-1]))
+        assert got.shape == (*shape[:-1], 16)
+        assert (got.reshape(rows, -1) - expected).abs().max() < 1e-12
+    probe = torch.randn(rows, 16, dtype=torch.float64, generator=g)
+    (g_body,) = torch.autograd.grad((model.body(x) * probe).sum(), [weight])
+    (g_ref,) = torch.autograd.grad((expected * probe).sum(), [weight])
+    assert (g_body - g_ref).abs().max() < 1e-12

@@ -14,10 +14,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metarec_runner.data.interactions import FeatureSchema
 from metarec_runner.errors import ConfigError, require_positive
+
+#: rows from which :meth:`PreferenceEstimator.body` pools bags with ``embedding_bag`` (measured
+#: crossover on ML-100K rows with two bag fields, 1 CPU thread: about 100 rows)
+FUSED_BAG_MIN_ROWS = 128
 
 
 class MLPHead(nn.Module):
@@ -164,9 +169,27 @@ class PreferenceEstimator(nn.Module):
 
     def body(self, x: Tensor) -> Tensor:
         """Feature rows ``x [..., C_all]`` (LongTensor) -> concatenated field embeddings
-        ``[..., F*d]`` (a bag field is the sum of its token embeddings)."""
+        ``[..., F*d]`` (a bag field is the sum of its token embeddings).
+
+        From :data:`FUSED_BAG_MIN_ROWS` rows on, runs of single-token fields are one lookup and
+        each bag field one fused ``embedding_bag`` (gather and sum, bag padding weighted 0):
+        several times faster on CPU than looking up every column and pooling with
+        :attr:`bag_sum`, which has less fixed cost and stays the path for a few rows (the
+        same numbers either way)."""
         codes, present = self._codes(x)
-        return self._pool(self.embedding(codes), present)
+        if present is None or codes.numel() < FUSED_BAG_MIN_ROWS * codes.shape[-1]:
+            return self._pool(self.embedding(codes), present)
+        lead, weight = codes.shape[:-1], self.embedding.weight
+        codes, present = codes.reshape(-1, codes.shape[-1]), present.reshape(-1, codes.shape[-1])
+        parts = []
+        for start, end, bag in self.field_spans:
+            block = codes[:, start:end]
+            if bag:
+                keep = present[:, start:end].to(weight.dtype)
+                parts.append(F.embedding_bag(block, weight, mode="sum", per_sample_weights=keep))
+            else:
+                parts.append(F.embedding(block, weight).flatten(-2))
+        return torch.cat(parts, -1).reshape(*lead, -1)
 
     def forward(self, x: Tensor) -> Tensor:
         """Feature rows ``x [..., F_all]`` -> predicted ratings ``[...]``."""
