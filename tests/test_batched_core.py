@@ -16,6 +16,7 @@ from metarec_runner.algos.functional import (
     fixed_input_inner_loop,
     has_fixed_input_path,
     inner_loop,
+    masked_loss,
     masked_mse,
 )
 from metarec_runner.algos.maml import MAML
@@ -308,3 +309,31 @@ def test_batched_meta_gradient_with_bag_fields(scope):
     reference = torch.autograd.grad(per_task_meta_loss(algo, batch, 0.3, 2, False), params)
     for b, r in zip(batched, reference):
         assert (b - r).abs().max() < TOL
+
+
+@pytest.mark.parametrize("hidden", [(8, 6), (5,)])
+@pytest.mark.parametrize("loss", ["mse", "bce"])
+def test_packed_first_order_step_equals_per_task_loop(hidden, loss):
+    """First order, one inner step, MLP head: the packed path is taken and its meta-loss and
+    meta-gradient equal the per-task loop (float64), whatever ``chunks`` says."""
+    torch.manual_seed(0)
+    model = PreferenceEstimator(SMALL_SCHEMA, embedding_dim=4, hidden=hidden, rating_mean=0.5).double()
+    batch = _batch()
+    if loss == "bce":
+        batch = type(batch)(batch.support_x, (batch.support_y > 3).double() * batch.support_mask,
+                            batch.support_mask, batch.query_x,
+                            (batch.query_y > 3).double() * batch.query_mask, batch.query_mask,
+                            batch.task_index)
+    algo = MAML(model, functools.partial(torch.optim.SGD, lr=0.1), inner_lr=0.3, inner_steps=1,
+                first_order=True, chunks=3, loss=loss)
+    assert algo.uses_packed_first_step(algo.inner_lr, 1, create_graph=False)
+    params = list(model.parameters())
+    loss_value, inner = algo.meta_loss(batch)
+    reference = per_task_meta_loss(algo, batch, 0.3, 1, True, loss=loss)
+    assert abs(float(loss_value - reference)) < TOL
+    for b, r in zip(torch.autograd.grad(loss_value, params), torch.autograd.grad(reference, params)):
+        assert (b - r).abs().max() < TOL
+    # the support loss before the step: each task's mean loss under the shared weights
+    pred = model(batch.support_x)
+    expected = masked_loss(pred, batch.support_y, batch.support_mask, loss).mean()
+    assert abs(float(inner - expected)) < TOL

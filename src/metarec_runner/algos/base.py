@@ -22,10 +22,16 @@ from metarec_runner.algos.functional import (
     fixed_input_inner_loop,
     fixed_input_pays_off,
     has_fixed_input_path,
+    has_packed_first_step,
     inner_loop,
     masked_loss,
+    packed_first_order_step,
 )
-from metarec_runner.algos.touched import TouchedFastWeights, supports_touched_rows, touched_inner_loop
+from metarec_runner.algos.touched import (
+    TouchedFastWeights,
+    supports_touched_rows,
+    touched_inner_loop,
+)
 from metarec_runner.errors import (
     ConfigError,
     require_choice,
@@ -199,7 +205,7 @@ class MetaAlgorithm:
             return self.inputs(x)
         real = self.model.body(x[mask])  # [N, D]
         out = real.new_zeros(*mask.shape, real.shape[-1])
-        return out.index_put((mask,), real)
+        return out.index_put_((mask,), real)  # in place: no copy of the zeros
 
     def check_labels(self, batch: TaskBatch) -> None:
         """``bce`` needs 0/1 labels: raise a ConfigError naming ``loss`` otherwise."""
@@ -225,6 +231,17 @@ class MetaAlgorithm:
             not isinstance(lr, Mapping)
             and has_fixed_input_path(module)
             and fixed_input_pays_off(module, support_len, steps)
+        )
+
+    def uses_packed_first_step(
+        self, lr: float | Mapping[str, Tensor], steps: int, create_graph: bool
+    ) -> bool:
+        """Whether meta-training's inner loop is one first-order step with a scalar step size
+        on a plain MLP head: then :func:`~metarec_runner.algos.functional.packed_first_order_step`
+        runs it on the packed real support rows (no padding, so no grouping by support size)."""
+        return (
+            steps == 1 and not create_graph and not isinstance(lr, Mapping)
+            and not self.uses_touched_rows and has_packed_first_step(self.adapted_module)
         )
 
     def adapt_fast(
@@ -287,6 +304,11 @@ class MetaAlgorithm:
             with torch.no_grad():
                 support = self.real_inputs(batch.support_x, batch.support_mask)
             query = self.inputs(batch.query_x)
+        if self.uses_packed_first_step(lr, steps, create_graph):
+            fast, losses = packed_first_order_step(
+                self.adapted_module, support, batch.support_y, batch.support_mask, lr, self.loss
+            )
+            return fast.forward(query), losses
         if self.uses_fixed_input_path(lr, batch.support_x.shape[1], steps):
             fast, losses = fixed_input_inner_loop(
                 self.adapted_module, support, batch.support_y, batch.support_mask, lr, steps,

@@ -331,3 +331,95 @@ def fixed_input_inner_loop(
         coef = torch.zeros_like(z)
     fast = FixedInputFastWeights(module, weight, bias, support, coef, float(lr), rest)
     return fast, losses
+
+
+# -- first-order single step on packed rows: every task starts from the same weights -----------
+
+
+def has_packed_first_step(module: nn.Module) -> bool:
+    """Whether ``module`` can take :func:`packed_first_order_step`: the fixed-input protocol
+    (:func:`has_fixed_input_path`) on a plain MLP, ``module.net`` an ``nn.Sequential`` of
+    ``Linear`` layers and ReLUs whose first layer is ``first_linear_name`` and whose output is
+    ``net(h).squeeze(-1)``."""
+    net = getattr(module, "net", None)
+    return (
+        has_fixed_input_path(module)
+        and isinstance(net, nn.Sequential)
+        and module.first_linear_name == "net.0"
+        and all(isinstance(layer, (nn.Linear, nn.ReLU)) for layer in net)
+        and isinstance(net[-1], nn.Linear) and net[-1].out_features == 1
+        and all(layer.bias is not None for layer in net if isinstance(layer, nn.Linear))
+    )
+
+
+def packed_first_order_step(
+    module: nn.Module,
+    support: Tensor,
+    target: Tensor,
+    mask: Tensor,
+    lr: float,
+    loss: str = "mse",
+) -> tuple[FixedInputFastWeights, list[Tensor]]:
+    """:func:`fixed_input_inner_loop` for one first-order step (``steps=1``,
+    ``create_graph=False``, not detached), computed on the packed real support rows.
+
+    Before the first step every task has the module's own weights, so the support forward pass
+    is one flat pass over the ``N`` real rows with shared weights (no padded rows, no per-task
+    weights), and first order needs no graph through it. Per-task gradients then come from the
+    per-row gradients of every Linear layer's output ``g [N, out]`` and its input ``a [N, in]``:
+    task ``b``'s weight gradient is ``sum over its rows of g^T a`` (a bmm over the rows put
+    back into the padded layout ``[B, S, .]``), its bias gradient the sum of ``g``; the first
+    layer keeps its kernel form (``coef`` = the padded output gradients). The same numbers as
+    :func:`fixed_input_inner_loop`, in fewer multiply-adds: padding costs only those bmms.
+
+    Args:
+        module: see :func:`has_packed_first_step`.
+        support: ``[B, S, D]`` padded support inputs (zeros on padding); target ``[B, S]``;
+            mask ``[B, S]``.
+        lr: scalar step size.
+        loss: ``mse`` or ``bce``.
+
+    Returns:
+        ``(fast weights, [per-task support loss [B] before the step])``.
+    """
+    net = module.net
+    first = net[0]
+    batch, length = mask.shape
+    support = support.detach()
+    rows = support[mask]  # [N, D] real rows, task-major
+    weights = row_weights(mask, target.dtype)[mask]  # [N] 1 / n_task
+    with torch.enable_grad():
+        z = F.linear(rows, first.weight.detach(), first.bias.detach()).requires_grad_(True)
+        h, taps = z, []  # taps: (layer index, its input [N, in], its output [N, out])
+        for i, layer in enumerate(net):
+            if i == 0:
+                continue
+            if isinstance(layer, nn.Linear):
+                a = h
+                h = F.linear(a, layer.weight.detach(), layer.bias.detach())
+                taps.append((i, a.detach(), h))
+            else:
+                h = layer(h)
+        row_loss = pointwise_loss(h.squeeze(-1), target[mask], loss) * weights  # [N]
+        delta, *grads = torch.autograd.grad(row_loss.sum(), [z, *(out for _, _, out in taps)])
+    task_loss = torch.zeros(batch, dtype=row_loss.dtype, device=row_loss.device)
+    task_loss.index_put_((mask.nonzero()[:, 0],), row_loss.detach(), accumulate=True)
+
+    def padded(values: Tensor) -> Tensor:  # [N, k] -> [B, S, k], zeros on padding
+        out = values.new_zeros(batch, length, values.shape[-1])
+        return out.index_put_((mask,), values)
+
+    rest: Params = {}
+    for (i, a, _), g in zip(taps, grads):
+        layer = net[i]
+        g_pad = padded(g)
+        if layer.out_features == 1:  # [B, 1, in]: the sum over a task's rows of g * a
+            g_weight = (g_pad * padded(a)).sum(1, keepdim=True)
+        else:
+            g_weight = torch.bmm(g_pad.transpose(1, 2), padded(a))  # [B, out, in]
+        for name, grad in ((f"net.{i}.weight", g_weight), (f"net.{i}.bias", g_pad.sum(1))):
+            param = module.get_parameter(name)
+            rest[name] = torch.add(param.unsqueeze(0).expand(batch, *param.shape), grad, alpha=-lr)
+    fast = FixedInputFastWeights(module, first.weight, first.bias, support, padded(delta),
+                                 float(lr), rest)
+    return fast, [task_loss]

@@ -37,6 +37,8 @@ class MAML(SupportSGD):
             :func:`~metarec_runner.algos.base.split_by_support_size`); the meta-loss and its
             gradient are unchanged, less work goes into padding. Each group costs a fixed
             overhead; 2 was fastest for 32 tasks with 20-90 support rows (1 = no split).
+            Ignored (one group) where the packed first-order step applies (``first_order``,
+            one inner step, MLP head: its support pass has no padding).
         touched_rows, loss, aux_loss, aux_weight: see :class:`SupportSGD`.
     """
 
@@ -69,10 +71,11 @@ class MAML(SupportSGD):
         """
         query_loss = support_loss = None
         lr = self.step_sizes()
-        for part in split_by_support_size(batch, self.chunks):
-            pred, inner_losses = self.adapt_and_score(
-                part, lr, self.inner_steps, create_graph=not self.first_order
-            )
+        create_graph = not self.first_order
+        # the packed first-order step pads nothing in its support pass: grouping would only cost
+        chunks = 1 if self.uses_packed_first_step(lr, self.inner_steps, create_graph) else self.chunks
+        for part in split_by_support_size(batch, chunks):
+            pred, inner_losses = self.adapt_and_score(part, lr, self.inner_steps, create_graph)
             q = masked_loss(pred, part.query_y, part.query_mask, self.loss).sum()
             s = inner_losses[0].sum()
             query_loss = q if query_loss is None else query_loss + q
