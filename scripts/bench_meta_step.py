@@ -33,6 +33,11 @@ Usage::
     METAREC_DATA_DIR=/path/to/data python scripts/bench_meta_step.py     # 5 rounds, a few minutes
     python scripts/bench_meta_step.py --quick          # 2 rounds, 2 meta-batches, 1 thread
     python scripts/bench_meta_step.py --data synthetic --threads 1
+    python scripts/bench_meta_step.py --data synthetic --device cuda   # GPU: tasks/s, peak GPU memory
+
+With ``--device cuda`` every tensor lives on the GPU, timings synchronize the device, the thread
+count is moot (reported as 1) and peak memory is ``torch.cuda.max_memory_allocated`` during one
+outer gradient minus the memory allocated before it.
 
 The last line of output is space-separated ``name=value`` pairs (machine-readable), among them
 ``speedup_<algo>_<scope>_t<threads>`` and the three targets' ratios.
@@ -69,7 +74,7 @@ from metarec_runner.tasks.taskset import TaskBatch, TaskSet
 META_BATCH = 32
 INNER_LR = 0.05
 PEER = ["experiment=ml100k_recbole_metarec", "logger=none", "trainer.progress=false",
-        "device=cpu", "dtype=float32"]
+        "dtype=float32"]
 # MeLU's MovieLens-1M fields with cardinalities of the same order (synthetic data only)
 SYNTHETIC_SCHEMA = FeatureSchema(
     ("gender", "age", "occupation", "zip", "rate", "genre", "director", "actor"),
@@ -144,7 +149,7 @@ def _grads(algo: SupportSGD) -> torch.Tensor:
 def check_equal_work(v: Variant, model: nn.Module, batch: TaskBatch) -> None:
     """Assert both sides give the same outer gradient, in float64 (relative 1e-8)."""
     algo = make_algo(v, copy.deepcopy(model).double())
-    batch = batch.to("cpu", torch.float64)
+    batch = batch.to(batch.support_y.device, torch.float64)
     grads = []
     for step in (batched_step, loop_step):
         step(algo, batch)
@@ -154,11 +159,32 @@ def check_equal_work(v: Variant, model: nn.Module, batch: TaskBatch) -> None:
     assert err <= 1e-8 * max(scale, 1e-6), f"{v.key}: outer gradients differ: {err:.3g} (scale {scale:.3g})"
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def time_tasks_per_s(step: Callable, algo: SupportSGD, batches: list[TaskBatch]) -> float:
+    device = batches[0].support_y.device
+    _sync(device)
     start = time.perf_counter()
     for batch in batches:
         step(algo, batch)
+    _sync(device)
     return sum(b.size for b in batches) / (time.perf_counter() - start)
+
+
+def peak_cuda_delta_mib(step: Callable, algo: SupportSGD, batch: TaskBatch) -> float:
+    """Peak GPU memory allocated during one ``step`` above what was allocated before, MiB."""
+    device = batch.support_y.device
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    step(algo, batch)
+    _sync(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    algo.optimizer.zero_grad(set_to_none=True)
+    return max(peak - before, 0) / 2**20
 
 
 def _status_kib(field: str) -> int | None:
@@ -205,10 +231,10 @@ def _prepare(*overrides: str):
     return Prepared(_compose(*overrides))
 
 
-def load_data(kind: str, seed: int) -> tuple[TaskSet, nn.Module, str]:
+def load_data(kind: str, seed: int, device: str = "cpu") -> tuple[TaskSet, nn.Module, str]:
     """``(training tasks, model, description)`` for ``--data``."""
     if kind == "peer":
-        prep = _prepare("+algo=maml", *PEER, f"seed={seed}")
+        prep = _prepare("+algo=maml", *PEER, f"device={device}", f"seed={seed}")
         train = prep.splits.train
         sizes = train.support_sizes
         desc = (f"peer preset ml100k_recbole_metarec: {len(train)} training tasks, support "
@@ -219,16 +245,17 @@ def load_data(kind: str, seed: int) -> tuple[TaskSet, nn.Module, str]:
                            seed=seed)
     torch.manual_seed(seed)
     model = PreferenceEstimator(SYNTHETIC_SCHEMA, embedding_dim=32, hidden=(64, 64),
-                                fields=list(SYNTHETIC_SCHEMA.names), rating_mean=3.0)
+                                fields=list(SYNTHETIC_SCHEMA.names), rating_mean=3.0).to(device)
     return tasks, model, "synthetic MeLU ML-1M schema: support 20-90, query 10"
 
 
-def meta_epoch_seconds(algos: list[str], rounds: int, seed: int) -> dict[str, float]:
+def meta_epoch_seconds(algos: list[str], rounds: int, seed: int, device: str = "cpu") -> dict[str, float]:
     """Median wall time of one meta-epoch per algorithm (config defaults, peer preset, 1 thread)."""
     runs = {}
     for name in algos:
         algo_name, *extra = name.split(":")
-        prep = _prepare(f"+algo={algo_name}", *PEER, "threads=1", f"seed={seed}", *extra)
+        prep = _prepare(f"+algo={algo_name}", *PEER, "threads=1", f"device={device}", f"seed={seed}",
+                        *extra)
         runs[name] = prep
     samples: dict[str, list[float]] = {n: [] for n in algos}
     for r in range(rounds):
@@ -236,9 +263,11 @@ def meta_epoch_seconds(algos: list[str], rounds: int, seed: int) -> dict[str, fl
             prep = runs[name]
             train = prep.splits.train
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + r))
+            _sync(prep.device)
             start = time.perf_counter()
             for chunk in order.split(prep.trainer.meta_batch_size):
                 prep.algo.meta_step(train.batch(chunk).to(prep.device, prep.dtype))
+            _sync(prep.device)
             samples[name].append(time.perf_counter() - start)
     return {n: statistics.median(v) for n, v in samples.items()}
 
@@ -267,21 +296,27 @@ def main() -> None:
     parser.add_argument("--no-epoch", action="store_true", help="skip the meta-epoch timing")
     parser.add_argument("--quick", action="store_true", help="fewer rounds, batches and threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the tensors live (cuda: GPU timings, peak GPU memory)")
     parser.add_argument("--memory-json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     rounds = args.rounds or (2 if args.quick else 5)
     n_batches = args.batches or (2 if args.quick else 4)
-    threads = args.threads or ([1] if args.quick else [1, 2])
+    threads = args.threads or ([1] if args.quick or args.device == "cuda" else [1, 2])
     variants = [v for v in VARIANTS if v.algo in args.algos]
 
     torch.set_num_threads(1)
-    tasks, model, desc = load_data(args.data, args.seed)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available on this machine")
+    tasks, model, desc = load_data(args.data, args.seed, args.device)
     order = torch.randperm(len(tasks), generator=torch.Generator().manual_seed(args.seed + 1))
-    batches = [tasks.batch(order[i * META_BATCH:(i + 1) * META_BATCH]).to("cpu", torch.float32)
+    batches = [tasks.batch(order[i * META_BATCH:(i + 1) * META_BATCH]).to(device, torch.float32)
                for i in range(n_batches)]
     pad = sum(int(b.support_mask.shape[1]) * b.size for b in batches)
     real = sum(int(b.support_mask.sum()) for b in batches)
-    print(f"torch {torch.__version__}; {desc}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"torch {torch.__version__} on {where}; {desc}")
     print(f"rounds={rounds}, threads={threads}, {n_batches} meta-batches x {META_BATCH} tasks "
           f"(padding {1 - real / pad:.0%} of support rows); batched: meta_objective/meta_gradients "
           "(MAML chunks=2); loop: algos.reference per-task loops (full tensors)")
@@ -295,7 +330,15 @@ def main() -> None:
                 out[f"{v.key}/{side}"] = peak_rss_delta_mib(step, algo, batches[0])
         print(json.dumps(out))
         return
-    memory = measure_memory(args)
+    if device.type == "cuda":  # in process: the CUDA allocator keeps its own statistics
+        memory = {}
+        for v in variants:
+            algo = make_algo(v, model)
+            for side, step in (("batched", batched_step), ("loop", loop_step)):
+                step(algo, batches[0])  # warm-up
+                memory[(v.key, side)] = peak_cuda_delta_mib(step, algo, batches[0])
+    else:
+        memory = measure_memory(args)
     algos = {v.key: make_algo(v, model) for v in variants}
     for v in variants:
         check_equal_work(v, model, batches[0])
@@ -315,7 +358,7 @@ def main() -> None:
                     samples.setdefault((v.key, t, side), []).append(rate)
     torch.set_num_threads(1)
 
-    fields = [f"data={args.data}", f"rounds={rounds}"]
+    fields = [f"data={args.data}", f"device={args.device}", f"rounds={rounds}"]
     header = f"{'variant':<34}{'thr':>4}{'batched/s':>11}{'loop/s':>9}{'speedup':>9}{'peak MiB b/l':>15}"
     print("\n" + header)
     speed: dict[tuple[str, int], float] = {}
@@ -331,12 +374,17 @@ def main() -> None:
             fields += [f"batched_{v.key}_t{t}={fast:.1f}", f"loop_{v.key}_t{t}={slow:.1f}",
                        f"speedup_{v.key}_t{t}={fast / slow:.2f}"]
         if memory.get((v.key, "batched")) is not None and memory.get((v.key, "loop")) is not None:
-            fields += [f"peak_rss_delta_mib_{v.key}_batched={memory[(v.key, 'batched')]:.0f}",
-                       f"peak_rss_delta_mib_{v.key}_loop={memory[(v.key, 'loop')]:.0f}"]
-    print("(peak MiB: peak-RSS increase during one outer gradient, 1 thread, batched/loop; "
-          "child process with MALLOC_MMAP_THRESHOLD_=65536)")
+            kind = "cuda" if device.type == "cuda" else "rss"
+            fields += [f"peak_{kind}_delta_mib_{v.key}_batched={memory[(v.key, 'batched')]:.0f}",
+                       f"peak_{kind}_delta_mib_{v.key}_loop={memory[(v.key, 'loop')]:.0f}"]
+    if device.type == "cuda":
+        print("(peak MiB: torch.cuda.max_memory_allocated increase during one outer gradient, "
+              "batched/loop)")
+    else:
+        print("(peak MiB: peak-RSS increase during one outer gradient, 1 thread, batched/loop; "
+              "child process with MALLOC_MMAP_THRESHOLD_=65536)")
 
-    if 1 in threads:
+    if 1 in threads and device.type == "cpu":  # the targets are CPU figures
         print("\ntargets (1 thread):")
         for name, (key, need) in TARGETS.items():
             if (key, 1) in speed:
@@ -349,7 +397,7 @@ def main() -> None:
 
     if args.data == "peer" and not args.no_epoch:
         epoch_algos = [*args.algos, "maml:algo.adapt=all"]
-        seconds = meta_epoch_seconds(epoch_algos, 1 if args.quick else 3, args.seed)
+        seconds = meta_epoch_seconds(epoch_algos, 1 if args.quick else 3, args.seed, args.device)
         print(f"\none meta-epoch on the peer preset ({len(tasks)} tasks, config defaults, "
               "1 thread, optimizer step included):")
         for name, sec in seconds.items():
