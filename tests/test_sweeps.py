@@ -227,3 +227,40 @@ def test_optuna_four_trials_under_one_parent(tmp_path: Path) -> None:
     assert result["best_value"] == pytest.approx(best)
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {
         "sweep_comparison.png", "sweep_comparison.csv"}
+
+
+def _job_process_facts() -> tuple[int, bool]:
+    """(parent pid, whether the preload module was in memory before this call)."""
+    return os.getppid(), "metarec_runner.tracking.worker_preload" in sys.modules
+
+
+def test_joblib_workers_fork_from_a_preloaded_server() -> None:
+    """PrewarmWorkers: joblib's workers are children of the fork server (not of the sweep
+    process) and start with torch, MLflow, matplotlib and the job module already imported."""
+    if "forkserver" not in __import__("multiprocessing").get_all_start_methods():
+        pytest.skip("this platform has no forkserver start method")
+    from joblib import Parallel, delayed
+    from joblib.externals.loky.backend.context import get_start_method, set_start_method
+
+    from metarec_runner.tracking.callbacks import PrewarmWorkers
+
+    cfg = _compose(["hydra/launcher=joblib", "+algo=maml"])
+    assert "metarec_runner.tracking.worker_preload" not in sys.modules  # nothing loaded here
+    try:
+        PrewarmWorkers().on_multirun_start(cfg)
+        assert get_start_method() == "forkserver"
+        facts = Parallel(n_jobs=2, backend="loky")(delayed(_job_process_facts)() for _ in range(4))
+    finally:
+        set_start_method(None, force=True)  # later tests get loky's default again
+    assert all(preloaded for _, preloaded in facts)
+    assert all(ppid != os.getpid() for ppid, _ in facts)
+
+
+def test_prewarm_leaves_other_launchers_alone() -> None:
+    from joblib.externals.loky.backend.context import get_start_method
+
+    from metarec_runner.tracking.callbacks import PrewarmWorkers
+
+    before = get_start_method()
+    PrewarmWorkers().on_multirun_start(_compose(["+algo=maml"]))  # the basic (sequential) launcher
+    assert get_start_method() == before

@@ -40,7 +40,7 @@ def train(ctx: typer.Context) -> None:
     """Meta-train and test: `metarec train +algo=maml key=value ...` (`-m` for sweeps,
     `--help` for Hydra's help with every config group)."""
     sys.argv = ["metarec train", *normalize_overrides(list(ctx.args))]
-    from metarec_runner.run import main
+    from metarec_runner.entry import main
 
     main()
 

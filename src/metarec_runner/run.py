@@ -12,7 +12,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
@@ -23,7 +22,7 @@ from rich.console import Console
 
 from metarec_runner.errors import ConfigError, MetarecError
 from metarec_runner.evaluate.candidates import Catalog
-from metarec_runner.paths import conf_dir, group_options
+from metarec_runner.paths import group_options
 from metarec_runner.runner import Runner
 from metarec_runner.tracking import flatten_config
 from metarec_runner.tracking.plots import log_run_plots
@@ -253,8 +252,3 @@ def train_task(cfg: DictConfig) -> float:
     if prep.tracker.run_id:
         console.print(f"MLflow: {prep.tracker.run_url_hint}  (browse with `metarec ui`)", highlight=False)
     return float(fit.best_value) if math.isfinite(fit.best_value) else float("nan")
-
-
-def main() -> None:
-    """Entry point for ``metarec train`` (reads overrides from ``sys.argv``)."""
-    hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")(train_task)()

@@ -176,3 +176,40 @@ class ThreadsPerJob(Callback):
         with read_write(sweeper), open_dict(sweeper):  # Hydra marks its nodes read-only
             sweeper.params = params
         log.info("%s: threads=%d per job", target.rsplit(".", 1)[-1], self.threads)
+
+
+
+class PrewarmWorkers(Callback):
+    """Joblib launcher: fork the worker processes from a server that has imported, once, what
+    every job needs (:mod:`metarec_runner.tracking.worker_preload`), instead of letting each
+    worker start a fresh interpreter and import torch, MLflow and matplotlib itself.
+
+    On multirun start (before the MLflow parent run is opened) this sets loky's start method to
+    ``forkserver`` with that module preloaded and starts the fork server, so its imports run on
+    an otherwise idle core while the sweep process prepares; joblib's workers are then forked
+    from it, already warm. Other launchers, and platforms without ``forkserver`` (Windows), are
+    left alone; jobs themselves are unchanged.
+
+    Args:
+        launchers: launcher class names this applies to (the end of ``hydra.launcher._target_``).
+    """
+
+    def __init__(self, launchers: tuple[str, ...] | list[str] = ("JoblibLauncher",)) -> None:
+        self.launchers = tuple(launchers)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not str(config.hydra.launcher.get("_target_", "")).endswith(self.launchers):
+            return
+        import multiprocessing
+        import sys
+
+        if sys.platform == "win32" or "forkserver" not in multiprocessing.get_all_start_methods():
+            return
+        from multiprocessing import forkserver
+
+        from joblib.externals.loky.backend.context import set_start_method
+
+        multiprocessing.set_forkserver_preload(["metarec_runner.tracking.worker_preload"])
+        set_start_method("forkserver", force=True)
+        forkserver.ensure_running()  # the server imports in the background from here on
+        log.info("PrewarmWorkers: joblib workers fork from a preloaded server")
