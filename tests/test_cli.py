@@ -40,6 +40,15 @@ def test_help_is_fast_and_lists_commands(tmp_path):
     print(f"metarec --help took {elapsed:.2f}s")
 
 
+def test_the_train_entry_point_imports_no_job_code():
+    """A sweep process whose launcher runs the jobs elsewhere never loads torch, MLflow or
+    pandas: `metarec train` enters through metarec_runner.entry, which imports the job lazily."""
+    code = ("import sys, metarec_runner.entry; "
+            "print(sorted(m for m in ('torch', 'mlflow', 'pandas', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 @pytest.mark.slow
 def test_single_run_is_tracked_with_params_metrics_artifacts(tmp_path):
     out = tmp_path / "outputs"
