@@ -11,7 +11,8 @@ Joblib jobs get one torch thread each (metarec's ThreadsPerJob callback); sequen
 torch's default (every core). Before timing, the dataset is loaded once so its parquet cache
 exists and neither sweep pays the first parse. After each sweep the script checks that its
 MLflow parent run has every job as a FINISHED child. Target: joblib <= 0.65x sequential on
-2 cores.
+2 cores. Besides the whole sweeps it prints the jobs phase alone (Hydra's log line of the first
+job to the sweep-comparison line): the part that parallel jobs can shorten.
 
 Usage::
 
@@ -26,10 +27,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 TARGET_RATIO = 0.65
@@ -90,7 +93,30 @@ def run_sweep(name: str, launcher: list[str], overrides: list[str], root: Path) 
     if res.returncode != 0:
         sys.exit(f"bench_sweep: the {name} sweep failed (exit {res.returncode}); see "
                  f"{root / (name + '.log')}: {res.stderr.strip().splitlines()[-1:]}")
-    return {"wall_s": wall, **check_children(f"sqlite:///{out}/mlflow.db")}
+    return {"wall_s": wall, "jobs_s": jobs_seconds(res.stdout),
+            **check_children(f"sqlite:///{out}/mlflow.db")}
+
+
+_HYDRA_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[HYDRA\] (.*)$")
+
+
+def jobs_seconds(log: str) -> float:
+    """Seconds from the launcher's first job line (``#0 : ...``) to the sweep-comparison line
+    in a sweep's Hydra log: the jobs phase, without the sweep process's start and end."""
+    stamps = {}
+    for line in log.splitlines():
+        m = _HYDRA_LINE.match(line)
+        if not m:
+            continue
+        when = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f")
+        text = m.group(2).strip()
+        if text.startswith("#0 :") and "start" not in stamps:
+            stamps["start"] = when
+        elif text.startswith("sweep comparison"):
+            stamps["end"] = when
+    if len(stamps) < 2:
+        return float("nan")
+    return (stamps["end"] - stamps["start"]).total_seconds()
 
 
 def check_children(uri: str) -> dict[str, object]:
@@ -138,9 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     ok_children = all(r["children"] == n_jobs_expected and r["finished"] == n_jobs_expected
                       and r["parent_status"] == "FINISHED" for r in results.values())
     print(f"joblib / sequential = {ratio:.3f} (target <= {TARGET_RATIO} on 2 cores)")
+    jobs_ratio = par["jobs_s"] / seq["jobs_s"]
+    print(f"jobs phase alone (first job launched -> sweep comparison written): sequential "
+          f"{seq['jobs_s']:.1f} s, joblib {par['jobs_s']:.1f} s, ratio {jobs_ratio:.3f}")
     pairs = {
         "sequential_s": f"{seq['wall_s']:.1f}", "joblib_s": f"{par['wall_s']:.1f}",
         "ratio": f"{ratio:.3f}", "target_ratio": TARGET_RATIO,
+        "sequential_jobs_s": f"{seq['jobs_s']:.1f}", "joblib_jobs_s": f"{par['jobs_s']:.1f}",
+        "jobs_ratio": f"{jobs_ratio:.3f}",
         "target_met": ratio <= TARGET_RATIO, "jobs": n_jobs_expected,
         "children_sequential": seq["children"], "children_joblib": par["children"],
         "children_ok": ok_children, "cores": cores, "n_jobs": args.n_jobs,
