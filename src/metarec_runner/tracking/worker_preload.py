@@ -18,7 +18,6 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
-import torch  # noqa: F401  (loaded for the forked workers)
 import torch._dynamo  # noqa: F401  (torch.optim imports it on the first optimizer)
 from mlflow.tracking import MlflowClient  # noqa: F401  (the tracker's client)
 
@@ -36,5 +35,5 @@ def _draw_once() -> None:
 
 try:
     _draw_once()
-except Exception:  # noqa: BLE001  (a warm-up only: the fork server must not die of it)
+except Exception:  # noqa: BLE001, S110  (a warm-up only: the fork server must not die of it)
     pass
