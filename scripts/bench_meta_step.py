@@ -231,7 +231,8 @@ def _prepare(*overrides: str):
     return Prepared(_compose(*overrides))
 
 
-def load_data(kind: str, seed: int, device: str = "cpu") -> tuple[TaskSet, nn.Module, str]:
+def load_data(kind: str, seed: int, device: str = "cpu",
+              n_tasks: int = META_BATCH * 8) -> tuple[TaskSet, nn.Module, str]:
     """``(training tasks, model, description)`` for ``--data``."""
     if kind == "peer":
         prep = _prepare("+algo=maml", *PEER, f"device={device}", f"seed={seed}")
@@ -241,7 +242,7 @@ def load_data(kind: str, seed: int, device: str = "cpu") -> tuple[TaskSet, nn.Mo
                 f"{int(sizes.min())}-{int(sizes.max())}, query {int(train.query_sizes.max())}, "
                 f"fields {list(prep.model.fields)}, table rows {prep.model.embedding.weight.shape[0]}")
         return train, prep.model, desc
-    tasks = random_taskset(SYNTHETIC_SCHEMA, META_BATCH * 8, support=(20, 90), query=(10, 10),
+    tasks = random_taskset(SYNTHETIC_SCHEMA, n_tasks, support=(20, 90), query=(10, 10),
                            seed=seed)
     torch.manual_seed(seed)
     model = PreferenceEstimator(SYNTHETIC_SCHEMA, embedding_dim=32, hidden=(64, 64),
@@ -296,6 +297,8 @@ def main() -> None:
     parser.add_argument("--no-epoch", action="store_true", help="skip the meta-epoch timing")
     parser.add_argument("--quick", action="store_true", help="fewer rounds, batches and threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--meta-batch", type=int, default=META_BATCH,
+                        help="tasks a meta-batch (the targets are stated for 32)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where the tensors live (cuda: GPU timings, peak GPU memory)")
     parser.add_argument("--memory-json", action="store_true", help=argparse.SUPPRESS)
@@ -309,15 +312,20 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine")
-    tasks, model, desc = load_data(args.data, args.seed, args.device)
+    size = args.meta_batch
+    tasks, model, desc = load_data(args.data, args.seed, args.device,
+                                   n_tasks=size * max(8, n_batches))
+    if len(tasks) < size * n_batches:
+        parser.error(f"--meta-batch {size} x {n_batches} batches needs {size * n_batches} "
+                     f"training tasks; the data has {len(tasks)}")
     order = torch.randperm(len(tasks), generator=torch.Generator().manual_seed(args.seed + 1))
-    batches = [tasks.batch(order[i * META_BATCH:(i + 1) * META_BATCH]).to(device, torch.float32)
+    batches = [tasks.batch(order[i * size:(i + 1) * size]).to(device, torch.float32)
                for i in range(n_batches)]
     pad = sum(int(b.support_mask.shape[1]) * b.size for b in batches)
     real = sum(int(b.support_mask.sum()) for b in batches)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"torch {torch.__version__} on {where}; {desc}")
-    print(f"rounds={rounds}, threads={threads}, {n_batches} meta-batches x {META_BATCH} tasks "
+    print(f"rounds={rounds}, threads={threads}, {n_batches} meta-batches x {size} tasks "
           f"(padding {1 - real / pad:.0%} of support rows); batched: meta_objective/meta_gradients "
           "(MAML chunks=2); loop: algos.reference per-task loops (full tensors)")
 
@@ -358,7 +366,8 @@ def main() -> None:
                     samples.setdefault((v.key, t, side), []).append(rate)
     torch.set_num_threads(1)
 
-    fields = [f"data={args.data}", f"device={args.device}", f"rounds={rounds}"]
+    fields = [f"data={args.data}", f"device={args.device}", f"meta_batch={size}",
+              f"rounds={rounds}"]
     header = f"{'variant':<34}{'thr':>4}{'batched/s':>11}{'loop/s':>9}{'speedup':>9}{'peak MiB b/l':>15}"
     print("\n" + header)
     speed: dict[tuple[str, int], float] = {}
@@ -384,7 +393,7 @@ def main() -> None:
         print("(peak MiB: peak-RSS increase during one outer gradient, 1 thread, batched/loop; "
               "child process with MALLOC_MMAP_THRESHOLD_=65536)")
 
-    if 1 in threads and device.type == "cpu":  # the targets are CPU figures
+    if 1 in threads and device.type == "cpu" and size == META_BATCH:  # CPU, 32 tasks
         print("\ntargets (1 thread):")
         for name, (key, need) in TARGETS.items():
             if (key, 1) in speed:
