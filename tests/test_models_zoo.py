@@ -108,16 +108,18 @@ def _per_task_maml_loss(algo, batch, lr: float, steps: int, first_order: bool) -
     return total / batch.size
 
 
-@pytest.mark.parametrize("scope, first_order", [("head", False), ("all", False), ("head", True)])
+@pytest.mark.parametrize("scope, first_order, steps",
+                         [("head", False, 2), ("all", False, 2), ("head", True, 2), ("head", True, 1)])
 @pytest.mark.parametrize("name", sorted(ROWWISE))
-def test_batched_maml_meta_gradient_equals_per_task_loop(name, scope, first_order):
+def test_batched_maml_meta_gradient_equals_per_task_loop(name, scope, first_order, steps):
+    """Every zoo model, including one first-order step (MeLU's packed path: test_batched_core)."""
     model = _model(ROWWISE[name], BAG_SCHEMA)
     algo = MAML(model, functools.partial(torch.optim.SGD, lr=0.1), adapt=scope, inner_lr=0.2,
-                inner_steps=2, first_order=first_order, chunks=2)
+                inner_steps=steps, first_order=first_order, chunks=2)
     batch = _batch(BAG_SCHEMA)
     params = list(model.parameters())
     loss, _ = algo.meta_loss(batch)
-    reference = _per_task_maml_loss(algo, batch, 0.2, 2, first_order)
+    reference = _per_task_maml_loss(algo, batch, 0.2, steps, first_order)
     assert abs(float((loss - reference).detach())) < TOL
     for p, g, r in zip(params, torch.autograd.grad(loss, params, allow_unused=True),
                        torch.autograd.grad(reference, params, allow_unused=True)):
