@@ -85,3 +85,82 @@ def test_cuda_run_matches_cpu_within_tolerance():
     _, _, cpu = _fit_test("+algo=maml", "device=cpu", "dtype=float64")
     _, _, gpu = _fit_test("+algo=maml", "device=cuda", "dtype=float64")
     assert gpu.summary["test/rmse"] == pytest.approx(cpu.summary["test/rmse"], abs=1e-6)
+
+
+class _ScriptedAlgo:
+    """An 'algorithm' whose state is the number of meta-steps taken, so the restored state
+    names the epoch that model selection kept."""
+
+    def __init__(self, steps_per_epoch: int) -> None:
+        self.model = torch.nn.Linear(1, 1)
+        self.steps = 0
+        self.steps_per_epoch = steps_per_epoch
+
+    def meta_step(self, batch) -> dict[str, float]:
+        self.steps += 1
+        return {"loss": 1.0}
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = state["steps"]
+
+
+class _ScriptedEvaluator:
+    """Validation results that improve on NDCG every epoch while RMSE is best at epoch 2."""
+
+    NDCG = [0.36, 0.41, 0.47, 0.52, 0.56]
+    RMSE = [1.10, 0.80, 0.90, 0.95, 0.99]
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def evaluate(self, algo, tasks, split, device):
+        epoch = self.calls
+        self.calls += 1
+
+        class Result:
+            summary = {"val/ndcg_at_10": self.NDCG[epoch], "val/rmse": self.RMSE[epoch]}
+
+        return Result()
+
+
+@pytest.mark.parametrize("monitor, best_epoch", [("val/ndcg_at_10", 5), ("val/rmse", 2)])
+def test_model_selection_follows_the_metrics_declared_direction(monitor, best_epoch):
+    """ndcg improves every epoch: the last epoch is kept; rmse is lowest at epoch 2: that one."""
+    from metarec_runner.runner import TrainerConfig
+    from metarec_runner.tasks.taskset import TaskSet
+
+    tasks = TaskSet(torch.arange(4), torch.zeros(4, 2, dtype=torch.long), torch.ones(4),
+                    torch.arange(5), torch.zeros(4, 2, dtype=torch.long), torch.ones(4), torch.arange(5))
+    algo = _ScriptedAlgo(steps_per_epoch=1)
+    config = TrainerConfig(max_epochs=5, meta_batch_size=4, monitor=monitor, patience=5, progress=False)
+    runner = Runner(algo, _ScriptedEvaluator(), _NullTracker(), config, torch.device("cpu"), 0,
+                    console=Console(quiet=True))
+    fit = runner.fit(tasks, tasks)
+    assert fit.best_epoch == best_epoch
+    assert algo.steps == best_epoch  # the kept state is that epoch's
+    scripted = _ScriptedEvaluator.NDCG if "ndcg" in monitor else _ScriptedEvaluator.RMSE
+    assert fit.best_value == scripted[best_epoch - 1]
+
+
+def test_monitor_mode_that_contradicts_the_metric_is_refused():
+    from metarec_runner.errors import ConfigError
+    from metarec_runner.runner import TrainerConfig
+
+    with pytest.raises(ConfigError, match=r"trainer.monitor_mode: min contradicts trainer.monitor="
+                                          r"val/ndcg_at_10 \(higher is better\).*set it to max"):
+        TrainerConfig(monitor="val/ndcg_at_10", monitor_mode="min")
+    assert TrainerConfig(monitor="val/ndcg_at_10", monitor_mode="max").mode == "max"
+    assert TrainerConfig(monitor="val/mae").mode == "min"
+    with pytest.raises(ConfigError, match="trainer.monitor: 'val/nope' is not a metric"):
+        TrainerConfig(monitor="val/nope")
+
+
+class _NullTracker:
+    def log_metrics(self, metrics, step):
+        pass
+
+    def flush(self):
+        pass

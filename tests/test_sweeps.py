@@ -113,7 +113,10 @@ def test_optuna_preset_composes() -> None:
     cfg = _compose(["+hparams_search=maml_optuna"])
     assert cfg.algo._target_.endswith("MAML")
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
-    assert cfg.hydra.sweeper.direction == "minimize" and cfg.trainer.monitor_mode == "min"
+    assert cfg.hydra.sweeper.direction == "minimize" and cfg.trainer.monitor_mode is None
+    # the direction follows the monitored metric's declaration, never a separate knob
+    cfg = _compose(["+hparams_search=maml_optuna", "trainer.monitor=val/ndcg_at_5"])
+    assert cfg.hydra.sweeper.direction == "maximize"
     assert set(cfg.hydra.sweeper.params) == {"algo.inner_lr", "algo.meta_optimizer.lr",
                                              "algo.inner_steps"}
 

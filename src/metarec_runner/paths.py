@@ -6,8 +6,28 @@ import os
 from pathlib import Path
 
 
+def register_resolvers() -> None:
+    """The OmegaConf resolvers metarec's configs use (idempotent):
+
+    ``${metarec.direction:<metric>}``: ``maximize`` or ``minimize`` from the metric's declared
+    direction (:mod:`metarec_runner.evaluate.metric_specs`), e.g. the Optuna preset's
+    ``hydra.sweeper.direction: ${metarec.direction:${trainer.monitor}}``.
+    """
+    from omegaconf import OmegaConf
+
+    from metarec_runner.evaluate.metric_specs import sweeper_direction
+
+    if not OmegaConf.has_resolver("metarec.direction"):
+        OmegaConf.register_new_resolver("metarec.direction", sweeper_direction)
+
+
 def conf_dir() -> Path:
-    """The primary config folder: ``METAREC_CONF_DIR``, else the one shipped with the package."""
+    """The primary config folder: ``METAREC_CONF_DIR``, else the one shipped with the package.
+
+    Whoever composes these configs asks for this folder first, so it also registers the
+    resolvers they use (:func:`register_resolvers`).
+    """
+    register_resolvers()
     env = os.environ.get("METAREC_CONF_DIR")
     path = Path(env) if env else Path(__file__).resolve().parent / "conf"
     return path.resolve()

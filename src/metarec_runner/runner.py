@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from metarec_runner.algos.base import MetaAlgorithm
 from metarec_runner.errors import ConfigError, TrainingError, require_choice, require_positive
 from metarec_runner.evaluate.evaluator import EvalResult, QueryEvaluator
+from metarec_runner.evaluate.metric_specs import UnknownMetric, monitor_mode
 from metarec_runner.tasks.taskset import TaskSet
 
 
@@ -28,18 +29,31 @@ class TrainerConfig:
     max_epochs: int = 20
     meta_batch_size: int = 32
     monitor: str = "val/rmse"
-    monitor_mode: str = "min"
+    monitor_mode: str | None = None
     patience: int = 5
     progress: bool = True
 
     def __post_init__(self) -> None:
         require_positive("trainer.max_epochs", self.max_epochs)
         require_positive("trainer.meta_batch_size", self.meta_batch_size)
-        require_choice("trainer.monitor_mode", self.monitor_mode, ("min", "max"))
         if self.patience < 0:
             raise ConfigError("trainer.patience", f"must be >= 0, got {self.patience}")
         if not self.monitor.startswith("val/"):
             raise ConfigError("trainer.monitor", f"must be a validation metric like val/rmse, got {self.monitor!r}")
+        try:
+            derived = monitor_mode(self.monitor)
+        except UnknownMetric as e:
+            raise ConfigError("trainer.monitor", str(e)) from None
+        if self.monitor_mode is not None:
+            require_choice("trainer.monitor_mode", self.monitor_mode, ("min", "max"))
+            if self.monitor_mode != derived:
+                better = "higher" if derived == "max" else "lower"
+                raise ConfigError(
+                    "trainer.monitor_mode",
+                    f"{self.monitor_mode} contradicts trainer.monitor={self.monitor} ({better} is better); "
+                    f"remove trainer.monitor_mode or set it to {derived}",
+                )
+        self.mode = derived  # "max" | "min": the monitored metric's declared direction
 
 
 @dataclass
@@ -80,7 +94,7 @@ class Runner:
     def _improved(self, value: float, best: float) -> bool:
         if math.isnan(best):
             return not math.isnan(value)
-        return value < best if self.config.monitor_mode == "min" else value > best
+        return value < best if self.config.mode == "min" else value > best
 
     def _train_epoch(self, train: TaskSet, epoch: int, progress: Progress, bar) -> dict[str, float]:
         """One pass over the meta-train tasks in a seeded random order."""
@@ -110,8 +124,11 @@ class Runner:
     def fit(self, train: TaskSet, val: TaskSet) -> FitResult:
         """Meta-train with validation every epoch and early stopping on ``config.monitor``.
 
-        The model ends in its best validation state.
+        The model ends in its best validation state. An algorithm that ``fits_once`` (the
+        closed-form and counting scorers) is fitted by one call instead: :meth:`fit_once`.
         """
+        if getattr(self.algo, "fits_once", False):
+            return self.fit_once(train, val)
         result = FitResult()
         best_state = None
         stale = 0
@@ -157,6 +174,26 @@ class Runner:
         if best_state is not None:
             self.algo.load_state_dict(best_state)
         return result
+
+    def fit_once(self, train: TaskSet, val: TaskSet) -> FitResult:
+        """Fit a closed-form or counting algorithm on the meta-train tasks in one call, then
+        validate it once: no epochs, no early stopping, nothing to select (``best_epoch`` 0).
+
+        The monitored value is reported when the algorithm computes it (a ranking-only scorer
+        has no ``val/rmse``); it is what a sweeper tuning the algorithm's knobs receives.
+        """
+        start = time.perf_counter()
+        self.algo.fit(train)
+        seconds = time.perf_counter() - start
+        metrics = {"sys/fit_seconds": seconds}
+        metrics.update(self.evaluator.evaluate(self.algo, val, "val", self.device).summary)
+        value = metrics.get(self.config.monitor, math.nan)
+        self.tracker.log_metrics(metrics, step=0)
+        self.tracker.flush()
+        shown = f"{self.config.monitor}={value:.4f}" if self.config.monitor in metrics else (
+            f"{self.config.monitor} not defined for {type(self.algo).__name__}")
+        self.console.print(f"fitted once in {seconds:.2f} s (no epochs)  {shown}", highlight=False)
+        return FitResult(best_epoch=0, best_value=value, history=[{"epoch": 0, **metrics}])
 
     def test(self, test: TaskSet) -> EvalResult:
         """Adapt on every test task's support set and score its query items."""
