@@ -135,8 +135,57 @@ def test_references_appear_beside_the_model_under_full_ranking():
     ev = Evaluator(protocol="all_unseen", ks=(5,), metrics=["ndcg"]).bind(CATALOG)
     res = ev.evaluate(_ByItem(), _tasks(), "test", torch.device("cpu"))
     assert res.summary["test/ref/oracle/ndcg_at_5"] == 1.0
-    # the constant scorer ranks candidates in item order: user 0's item 2 first, user 1's 6 fifth
-    assert math.isclose(res.summary["test/ref/constant/ndcg_at_5"], (1 + 1 / math.log2(6)) / 2)
+    assert 0.0 <= res.summary["test/ref/constant/ndcg_at_5"] <= 1.0
+    # the evaluation is deterministic: the tie-breaking permutation is seeded
+    again = ev.evaluate(_ByItem(), _tasks(), "test", torch.device("cpu"))
+    assert again.summary == res.summary
+
+
+class _Constant(_ByItem):
+    """Scores every candidate alike."""
+
+    def adapt(self, batch):
+        class Scorer:
+            def predict(self, x):
+                return torch.zeros(x.shape[:2], dtype=torch.float64)
+
+        return Scorer()
+
+
+def test_constant_scores_get_the_expectation_of_random_ties_on_popularity_sorted_ids():
+    """Every user rated items 0, 1 (query, 5 stars) and 2 (support) of 50: the ids are sorted by
+    popularity, so breaking score ties by position would rank both relevant items first (NDCG
+    1.0). With ties broken by a seeded random permutation, the mean NDCG@10 over many users
+    equals the expectation of a random ranking: each of the 49 candidates is relevant with
+    probability 2/49 at every rank."""
+    users, n_items, k = 1500, 50, 10
+    catalog = Catalog(
+        n_items=n_items,
+        rated_offsets=torch.arange(0, 3 * users + 1, 3),
+        rated_items=torch.tensor([0, 1, 2] * users),
+        feature_rows=_rows,
+    )
+    ids = torch.arange(users)
+    tasks = TaskSet(
+        task_ids=ids,
+        support_x=torch.stack([ids, torch.full_like(ids, 2)], 1),
+        support_y=torch.full((users,), 3.0), support_offsets=torch.arange(users + 1),
+        query_x=torch.stack([ids.repeat_interleave(2), torch.tensor([0, 1]).repeat(users)], 1),
+        query_y=torch.full((2 * users,), 5.0), query_offsets=torch.arange(0, 2 * users + 1, 2),
+    )
+    ev = Evaluator(protocol="all_unseen", ks=(k,), metrics=["ndcg", "recall"]).bind(catalog)
+    res = ev.evaluate(_Constant(), tasks, "test", torch.device("cpu"))
+    disc = 1 / np.log2(np.arange(2, k + 2))
+    expected_ndcg = (2 / 49) * disc.sum() / disc[:2].sum()
+    expected_recall = k / 49
+    per_user = res.per_task["ndcg_at_10"].to_numpy()
+    tolerance = 4 * per_user.std() / math.sqrt(users)
+    assert abs(per_user.mean() - expected_ndcg) < tolerance, (per_user.mean(), expected_ndcg)
+    assert abs(res.summary["test/recall_at_10"] - expected_recall) < 4 * res.per_task[
+        "recall_at_10"].std() / math.sqrt(users)
+    # the constant reference on the same candidates tells the same story
+    assert abs(res.summary["test/ref/constant/ndcg_at_10"] - expected_ndcg) < tolerance
+    assert res.summary["test/ndcg_at_10"] < 0.5  # far from the 1.0 the id order would give
 
 
 def test_full_ranking_refuses_tasks_that_are_not_users():

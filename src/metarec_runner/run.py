@@ -22,6 +22,7 @@ from rich.console import Console
 
 from metarec_runner.errors import ConfigError, MetarecError
 from metarec_runner.evaluate.candidates import Catalog
+from metarec_runner.evaluate.metric_specs import needs_ratings
 from metarec_runner.paths import group_options
 from metarec_runner.runner import Runner
 from metarec_runner.tracking import flatten_config
@@ -85,13 +86,23 @@ class Prepared:
         if self.trainer.monitor not in known:
             raise ConfigError("trainer.monitor", f"{self.trainer.monitor!r} is not computed; choose one "
                               f"of {', '.join(known)}")
-        self.evaluator.bind(Catalog.from_interactions(self.data))
+        train = self.splits.train
+        train_mean = float((train.support_y.sum() + train.query_y.sum())
+                           / max(train.support_y.numel() + train.query_y.numel(), 1))
+        self.evaluator.bind(Catalog.from_interactions(self.data), rating_mean=train_mean)
         for split in ("val", "test"):
             self.evaluator.check_tasks(getattr(self.splits, split), split)
         mean = float(self.splits.train.support_y.mean())
         model = build("model", cfg.model, schema=self.data.schema, rating_mean=mean)
         self.model = model.to(device=self.device, dtype=self.dtype)
         self.algo = build("algo", cfg.algo, model=self.model)
+        fits_once = getattr(self.algo, "fits_once", False)
+        if (not fits_once and not getattr(self.algo, "predicts_ratings", True)
+                and needs_ratings(self.trainer.monitor)):
+            ranking = [m for m in known if not needs_ratings(m)]
+            raise ConfigError(
+                "trainer.monitor", f"{self.trainer.monitor} needs rating predictions and algo "
+                f"{type(self.algo).__name__} does not predict ratings; choose one of {', '.join(ranking)}")
         if self.evaluator.adaptation_steps and not hasattr(self.algo, "eval_inner_steps"):
             raise ConfigError("evaluator.adaptation_steps", f"algo {type(self.algo).__name__} takes no inner "
                               "steps; set evaluator.adaptation_steps=[]")

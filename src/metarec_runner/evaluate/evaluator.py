@@ -9,6 +9,16 @@ as older papers and the RecBole-MetaRec peer do). Binary relevance comes from
 :func:`metarec_runner.evaluate.metrics.relevance` on the query items: ``rating >=
 relevance_threshold`` or the ``top_n`` highest query ratings with an explicit tie rule.
 
+Ties in the *scores* are broken by a seeded random permutation of every task's candidates (the
+same permutation at every evaluation call), never by candidate position or item id: a scorer
+that ties everything (the constant reference) then gets the expected value of a random order,
+whatever order the catalog's ids happen to have. Ties among *true ratings* under
+``relevance="top_n"`` keep their documented rule (``tie_break``), which reproduces the peer.
+
+Rating metrics are reported only for algorithms that predict ratings
+(``algo.predicts_ratings``; popularity and the random scorer do not). The constant reference
+predicts the meta-train mean rating, so its RMSE/MAE are the "global mean" rating baseline.
+
 Guards: when every task's candidates are all relevant (ranking metrics could not depend on the
 scores) the run is refused before training starts, and again at evaluation; a single such task
 is left out of the ranking means (NaN, counted in the per-task table's ``ranking_trivial``)
@@ -27,6 +37,7 @@ import torch
 from metarec_runner.errors import ConfigError, TrainingError
 from metarec_runner.evaluate import metrics as M
 from metarec_runner.evaluate.candidates import PROTOCOLS, Catalog, build_candidates, check_protocol
+from metarec_runner.evaluate.metric_specs import METRIC_SPECS, metric_columns
 from metarec_runner.evaluate.summary import CI_METHODS, by_support_size, summarize
 from metarec_runner.tasks.taskset import TaskSet
 
@@ -40,9 +51,8 @@ class EvalResult:
     by_support: pd.DataFrame
 
 
-METRICS = ("rmse", "mae", "ndcg", "graded_ndcg", "recall", "precision", "hit", "mrr", "auc")
-"""Metric names the evaluator knows; all but rmse, mae and auc are computed at every cut-off."""
-_NO_CUTOFF = ("rmse", "mae", "auc")
+METRICS = tuple(METRIC_SPECS)
+"""Metric names the evaluator knows (declared in :mod:`metarec_runner.evaluate.metric_specs`)."""
 _TRIVIAL_AT_K = ("recall", "hit", "precision")
 """Metrics that stop depending on the scores when k >= the number of candidates."""
 _BINARY_AT_K = {
@@ -73,7 +83,8 @@ class Evaluator:
         top_n: relevant items per task under ``relevance="top_n"``; must be below the query size.
         tie_break: ties among true ratings at the ``top_n`` cut: ``"position"`` (earlier query
             position), ``"random"`` (seeded by ``seed``) or ``"topk"`` (literal ``torch.topk``,
-            backend-dependent). Ties among predicted scores are always broken by position.
+            backend-dependent). Ties among predicted scores are always broken by a seeded
+            random permutation of the candidates.
         graded_gain: gains of ``graded_ndcg``: ``"exp"`` (``2**rating - 1``) or ``"linear"``.
         ci: confidence intervals of the summary: ``"normal"`` or ``"bootstrap"`` (over tasks).
         references: on the test split, also score the random, constant and oracle scorers on the
@@ -137,6 +148,7 @@ class Evaluator:
         self.protocol = str(protocol)
         self.n_negatives = int(n_negatives)
         self.catalog: Catalog | None = None
+        self.rating_mean = 0.0
         self.ks = tuple(int(k) for k in ks)
         self.threshold = float(relevance_threshold)
         self.batch_size = int(batch_size)
@@ -149,13 +161,14 @@ class Evaluator:
         self.n_boot = int(n_boot)
         self.seed = int(seed)
         self.references = bool(references)
-        self.metric_names = [
-            name for m in self.metrics for name in ([m] if m in _NO_CUTOFF else [f"{m}_at_{k}" for k in self.ks])
-        ]
+        self.metric_names = metric_columns(self.metrics, self.ks)
 
-    def bind(self, catalog: Catalog) -> Evaluator:
-        """Give the evaluator the catalog that full-ranking protocols draw candidates from."""
+    def bind(self, catalog: Catalog, rating_mean: float | None = None) -> Evaluator:
+        """Give the evaluator the catalog that full-ranking protocols draw candidates from, and
+        the meta-train mean rating (the constant reference's prediction)."""
         self.catalog = catalog
+        if rating_mean is not None:
+            self.rating_mean = float(rating_mean)
         return self
 
     def check_tasks(self, tasks: TaskSet, split: str) -> None:
@@ -333,6 +346,8 @@ class Evaluator:
         negatives = torch.Generator().manual_seed(self.seed + 2)  # same sampled negatives every call
         references = self.references and split == "test"
         ref_gen = torch.Generator().manual_seed(self.seed + 1)  # the random reference scorer
+        score_ties = torch.Generator().manual_seed(self.seed + 3)  # same candidate order every call
+        ratings = bool(getattr(algo, "predicts_ratings", True))
         for start in range(0, len(tasks), self.batch_size):
             idx = torch.arange(start, min(start + self.batch_size, len(tasks)))
             cpu_batch = tasks.batch(idx)
@@ -353,16 +368,23 @@ class Evaluator:
                 pred = self._score_candidates(scorer, cands, device, dtype)
                 target, mask = cands.target.to(device, dtype), cands.mask.to(device)
                 relevant, is_query = cands.relevant.to(device), cands.is_query.to(device)
+            self._check_finite(pred, mask)
+            pred, target, mask, relevant, is_query = _shuffle_candidates(
+                score_ties, pred, target, mask, relevant, is_query)
             trivial = _ranking_trivial(relevant, mask)
             found = self.task_metrics(pred, target, mask, relevant=relevant, rating=False)
             if references:
                 found.update(self.reference_metrics(target, mask, relevant, is_query, ref_gen))
             for name in found:  # a ranking of all-relevant candidates says nothing: leave it out
                 found[name] = found[name].masked_fill(trivial, float("nan"))
-            if "rmse" in self.metrics:  # rating metrics: every query item counts
-                found["rmse"] = M.rmse(pred_q, batch.query_y, batch.query_mask)
-            if "mae" in self.metrics:
-                found["mae"] = M.mae(pred_q, batch.query_y, batch.query_mask)
+            for name, rating_metric in (("rmse", M.rmse), ("mae", M.mae)):
+                if name not in self.metrics:
+                    continue  # rating metrics: every query item counts
+                if ratings:
+                    found[name] = rating_metric(pred_q, batch.query_y, batch.query_mask)
+                if references:
+                    constant = torch.full_like(pred_q, self.rating_mean)
+                    found[f"ref/constant/{name}"] = rating_metric(constant, batch.query_y, batch.query_mask)
             expected = tasks.query_expected_batch(idx)
             if expected is not None:
                 found["floor_rmse"] = M.rmse(expected.to(device, dtype), batch.query_y, batch.query_mask)
@@ -381,6 +403,7 @@ class Evaluator:
         for name, v in values.items():
             frame[name] = torch.cat(v).double().numpy()
         names = [m for m in [*self.metric_names, "floor_rmse"] if m in frame.columns]
+        # a ranking-only scorer reports no rating metric, not a meaningless one
         summary = summarize(frame, names, split, ci=self.ci, n_boot=self.n_boot, seed=self.seed)
         ref_names = [c for c in frame.columns if c.startswith("ref/")]
         summary.update(summarize(frame, ref_names, split, ci=self.ci, n_boot=self.n_boot, seed=self.seed))
@@ -389,7 +412,9 @@ class Evaluator:
     def reference_metrics(self, target: torch.Tensor, mask: torch.Tensor, relevant: torch.Tensor,
                           is_query: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Ranking metrics ``[B]`` of the random, constant and oracle scorers on the same
-        candidates, as ``ref/<scorer>/<metric>``. The oracle ranks the relevant items first (ties
+        candidates, as ``ref/<scorer>/<metric>``. The constant's ties are broken by the caller's
+        random candidate order (:func:`_shuffle_candidates`), so it scores the expectation of a
+        random ranking, not the catalog's id order. The oracle ranks the relevant items first (ties
         among true ratings exactly as relevance broke them), then the other query items by true
         rating, then every other candidate. Under query-only candidates these are
         the numbers a model must be read against: with tied ratings a constant score can sit well
@@ -397,7 +422,7 @@ class Evaluator:
         lowest = target.masked_fill(~is_query, float("inf")).amin().clamp(max=0.0) - 1.0
         scorers = {
             "random": torch.rand(target.shape, generator=generator).to(target),
-            "constant": torch.zeros_like(target),
+            "constant": torch.full_like(target, self.rating_mean),
             "oracle": torch.where(is_query, target, lowest.expand_as(target))
             + relevant.to(target.dtype) * (target.abs().amax() - lowest + 1.0),
         }
@@ -406,6 +431,21 @@ class Evaluator:
             for metric, v in self.task_metrics(pred, target, mask, relevant=relevant, rating=False).items():
                 out[f"ref/{name}/{metric}"] = v
         return out
+
+
+def _shuffle_candidates(generator: torch.Generator, *columns: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The same seeded random permutation of the candidates of every task applied to each of
+    ``columns`` (``[B, C]`` each).
+
+    The metrics sort stably, so after this shuffle ties among scores fall in a random order
+    instead of the candidates' position (which under full ranking is the item id order). The
+    permutation comes from ``generator`` (CPU), so it is the same on every device and, with the
+    generator seeded per evaluation call, at every call.
+    """
+    first = columns[0]
+    keys = torch.rand(first.shape, generator=generator, dtype=torch.float64)
+    order = keys.argsort(dim=-1).to(first.device)
+    return tuple(c.gather(-1, order) for c in columns)
 
 
 def _ranking_trivial(relevant: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
