@@ -95,10 +95,37 @@ def _score_items(algo, items: list[int]) -> torch.Tensor:
 def test_scorer_builds_from_its_config_and_runs_fit_and_test(algo):
     prep, fit, test = _run(algo)
     assert prep.algo.model is prep.model and prep.algo.adapts is False
-    assert len(fit.history) == 2 and all(math.isfinite(h["train/loss"]) for h in fit.history)
+    # fitted once: one validation row at epoch 0, no training loss, nothing selected
+    assert [h["epoch"] for h in fit.history] == [0] and fit.best_epoch == 0
+    assert not any(k.startswith("train/") for k in fit.history[0])
     assert len(test.per_task) == len(prep.splits.test)
+    rating_metrics = {"rmse", "mae"}
     for name in prep.evaluator.metric_names:
-        assert math.isfinite(test.summary[f"test/{name}"]), name
+        if name in rating_metrics and not prep.algo.predicts_ratings:
+            assert f"test/{name}" not in test.summary and name not in test.per_task, name
+        else:
+            assert math.isfinite(test.summary[f"test/{name}"]), name
+    # the constant reference predicts the meta-train mean: its RMSE is the rating baseline
+    assert math.isfinite(test.summary["test/ref/constant/rmse"])
+
+
+def test_popularity_runs_no_epoch_loop_and_reports_no_rating_metric(monkeypatch):
+    def no_meta_step(self, batch):
+        raise AssertionError("a fitted-once scorer must not go through the epoch loop")
+
+    monkeypatch.setattr(Popularity, "meta_step", no_meta_step)
+    prep, fit, test = _run("popularity", "trainer.max_epochs=6", "trainer.patience=1")
+    assert [h["epoch"] for h in fit.history] == [0]
+    assert "test/rmse" not in test.summary and "test/mae" not in test.summary
+    assert "rmse" not in test.per_task and "val/rmse" not in fit.history[0]
+    assert math.isfinite(test.summary["test/ndcg_at_5"])
+    # the rating baseline the popularity row is read against: the constant at the training mean
+    train = prep.splits.train
+    mean = float(torch.cat([train.support_y, train.query_y]).double().mean())
+    batch = prep.splits.test.batch(torch.arange(len(prep.splits.test)))
+    per_user = (((batch.query_y.double() - mean) ** 2 * batch.query_mask).sum(1)
+                / batch.query_mask.sum(1)).sqrt()
+    np.testing.assert_allclose(test.per_task["ref/constant/rmse"].to_numpy(), per_user.numpy(), rtol=1e-5)
 
 
 @pytest.mark.parametrize("evaluator", ["query_only", "all_unseen", "sampled"])
@@ -160,11 +187,11 @@ def test_counts_do_not_change_with_more_epochs_or_batch_sizes(cls):
     torch.testing.assert_close(_score_items(once, items), _score_items(many, items))
 
 
-def test_counts_do_not_change_with_more_epochs_through_the_runner():
+def test_fit_once_ignores_epochs_and_equals_counting_through_meta_steps():
     per_task = {}
     for epochs in (1, 3):
         prep, fit, test = _run("item_mean", f"trainer.max_epochs={epochs}", "trainer.patience=5")
-        assert len(fit.history) == epochs
+        assert len(fit.history) == 1
         per_task[epochs] = test.per_task
         if epochs == 1:
             state = copy.deepcopy(prep.algo.state_dict())
@@ -172,8 +199,10 @@ def test_counts_do_not_change_with_more_epochs_through_the_runner():
             for k in ("count", "rating_sum", "seen"):
                 torch.testing.assert_close(prep.algo.state_dict()[k], state[k])
     pd.testing.assert_frame_equal(per_task[1], per_task[3])
-    # every validation pass sees the same scores: the monitored value is flat across epochs
-    assert len({round(h["val/rmse"], 12) for h in fit.history}) == 1
+    stepped = ItemMean(prep.model)
+    _epochs(stepped, prep.splits.train, epochs=2, batch_size=16)
+    for k in ("count", "rating_sum"):
+        torch.testing.assert_close(stepped.state_dict()[k], state[k])
 
 
 def _train_frame(tasks: TaskSet) -> pd.DataFrame:

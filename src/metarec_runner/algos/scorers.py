@@ -17,18 +17,19 @@ so :meth:`MetaAlgorithm.__init__` is not called and no ``meta_optimizer`` is con
 Scores are computed from the item id, the LAST column of every feature row
 (``InteractionData.feature_rows``).
 
-Counting (``Popularity``, ``ItemMean``, ``ConstantScorer(value=None)``) uses every support and
-query rating of the meta-train tasks, each task counted ONCE: ``meta_step`` keeps a mask of the
-task positions (``batch.task_index``) it has already counted and skips them afterwards. The
-first epoch therefore does all the counting and later epochs change nothing, so scores do not
-depend on ``trainer.max_epochs`` or on which epoch is restored as the best one. The counts, the
-mask and the generator state live in ``state_dict()`` as tensors. Call :meth:`reset` before
-fitting the same object on a different meta-train TaskSet (task positions would collide).
+Every scorer here is **fitted once** (``fits_once = True``): the runner calls
+:meth:`ReferenceScorer.fit` on the meta-train TaskSet, then validates and tests; there is no
+epoch loop and no early stopping. Counting (``Popularity``, ``ItemMean``,
+``ConstantScorer(value=None)``) uses every support and query rating of the meta-train tasks,
+each task counted ONCE (a mask of the task positions already counted, ``batch.task_index``,
+makes ``meta_step`` on the same task a no-op, so counting through ``meta_step`` batches gives
+the same numbers as ``fit``). The counts, the mask and the generator state live in
+``state_dict()`` as tensors. Call :meth:`reset` before fitting the same object on a different
+meta-train TaskSet (task positions would collide).
 
-``meta_step`` returns ``{"loss": ...}``: the mean squared error of the scorer's own scores on
-the batch's real support and query rows (after counting the batch), i.e. what ``val/rmse`` will
-measure; the random scorer returns 0.0 (nothing is learned and it does not spend its draws on
-training rows) and the oracle 0.0 (exact by construction).
+``predicts_ratings`` says whether a scorer's scores are ratings: the evaluator reports RMSE/MAE
+only for those (item mean, the constant at the training mean, the oracle's true ratings), never
+for counts (popularity) or noise (random).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from torch import Tensor, nn
 
 from metarec_runner.algos.base import AdaptedScorer, MetaAlgorithm
 from metarec_runner.errors import ConfigError, TrainingError, require_non_negative
-from metarec_runner.tasks.taskset import TaskBatch
+from metarec_runner.tasks.taskset import TaskBatch, TaskSet
 
 
 def _item_ids(x: Tensor) -> Tensor:
@@ -73,6 +74,12 @@ class ReferenceScorer(MetaAlgorithm):
     """
 
     adapts = False
+    #: fitted by one call of :meth:`fit` on the meta-train tasks: no epoch loop, no early stopping
+    fits_once = True
+    #: whether the scores are rating predictions (RMSE/MAE are reported only then)
+    predicts_ratings = False
+    #: meta-train tasks per batch in :meth:`fit`
+    fit_batch_size = 512
 
     def __init__(self, model: nn.Module) -> None:
         # MetaAlgorithm.__init__ is not called: there is no optimizer to build
@@ -81,6 +88,15 @@ class ReferenceScorer(MetaAlgorithm):
         self.optimizer = None
 
     # the runner calls these -------------------------------------------------------------
+    def fit(self, train: TaskSet) -> None:
+        """Learn whatever the scorer learns from the meta-train tasks, once: every task's
+        support and query rows, in batches of :attr:`fit_batch_size` tasks (CPU)."""
+        for chunk in torch.arange(len(train)).split(self.fit_batch_size):
+            self.observe(train.batch(chunk))
+
+    def observe(self, batch: TaskBatch) -> None:
+        """Learn from one batch of meta-train tasks (nothing, for stateless scorers)."""
+
     def meta_step(self, batch: TaskBatch) -> dict[str, float]:
         return {"loss": 0.0}
 
@@ -199,6 +215,9 @@ class _CountingScorer(ReferenceScorer):
         n = float(self.count.sum())
         return float(self.rating_sum.sum()) / n if n > 0 else 0.0
 
+    def observe(self, batch: TaskBatch) -> None:
+        self._count(batch)
+
     def meta_step(self, batch: TaskBatch) -> dict[str, float]:
         self._count(batch)
         return {"loss": self._batch_loss(batch)}
@@ -216,17 +235,18 @@ class _CountingScorer(ReferenceScorer):
 class ConstantScorer(_CountingScorer):
     """The same score for every item.
 
-    Every ranking is a full tie, so ranking metrics measure only the protocol's tie-breaking
-    (by position). Its RMSE/MAE are those of predicting ``value`` for every rating.
+    Every ranking is a full tie, which the evaluator breaks in a seeded random order: its
+    ranking metrics are those of a random ranking. With ``value=None`` (the default) it
+    predicts the meta-train mean rating, and its RMSE/MAE are the "global mean" baseline.
 
     Args:
         model: kept for the runner (dtype); not used.
         value: the score; ``None`` = the mean of every meta-train rating (support and query,
-            learned in ``meta_step``; 0.0 before any training step), which makes its RMSE the
-            "global mean" rating baseline.
+            learned in :meth:`fit`; 0.0 before it), which makes its RMSE the "global mean"
+            rating baseline.
     """
 
-    def __init__(self, model: nn.Module, value: float | None = 0.0) -> None:
+    def __init__(self, model: nn.Module, value: float | None = None) -> None:
         super().__init__(model)
         if value is not None:
             try:
@@ -236,6 +256,11 @@ class ConstantScorer(_CountingScorer):
             if not torch.isfinite(torch.tensor(value)):
                 raise ConfigError("value", f"must be finite, got {value!r}")
         self.value = value
+
+    @property
+    def predicts_ratings(self) -> bool:
+        """Only the training mean is a rating prediction (a fixed ``value`` is an arbitrary score)."""
+        return self.value is None
 
     @property
     def score(self) -> float:
@@ -269,6 +294,8 @@ class ItemMean(_CountingScorer):
         shrinkage: pseudo-count of global-mean ratings added to every item (>= 0).
     """
 
+    predicts_ratings = True
+
     def __init__(self, model: nn.Module, shrinkage: float = 0.0) -> None:
         super().__init__(model)
         require_non_negative("shrinkage", shrinkage)
@@ -299,6 +326,9 @@ class OracleScorer(ReferenceScorer):
     Args:
         model: kept for the runner (dtype); not used.
     """
+
+    #: its query scores are the true ratings: RMSE 0, the ceiling
+    predicts_ratings = True
 
     def adapt(self, batch: TaskBatch) -> AdaptedScorer:
         items = torch.cat([_item_ids(batch.query_x), _item_ids(batch.support_x)], 1)  # query first
