@@ -51,11 +51,34 @@ def test_same_seed_same_tasks_and_hash_other_seed_differs(data):
 
 
 def test_fixed_support_size_and_filters(data):
-    splits = UserColdStart(n_query=5, n_support=8, min_interactions=20, max_interactions=30, seed=0)(data)
+    kwargs = dict(n_query=5, n_support=8, min_interactions=20, max_interactions=30, seed=0)
+    splits = UserColdStart(**kwargs, filtered_users="drop")(data)
     counts = data.ratings.groupby("user").size()
     for part in (splits.train, splits.val, splits.test):
         assert (part.support_sizes == 8).all()
         assert counts[part.task_ids.numpy()].between(20, 30).all()
+    left_out = counts[~counts.between(20, 30)]
+    assert splits.summary()["filtered_users"] == len(left_out) > 0
+    assert splits.summary()["filtered_interactions"] == left_out.sum()
+
+
+def test_filtered_users_still_train_but_are_never_evaluated(data):
+    kwargs = dict(n_query=5, n_support=8, min_interactions=20, max_interactions=30, seed=0)
+    dropped = UserColdStart(**kwargs, filtered_users="drop")(data)
+    kept = UserColdStart(**kwargs)(data)
+    counts = data.ratings.groupby("user").size()
+    for part in ("val", "test"):  # the same evaluation users either way
+        assert getattr(kept, part).fingerprint() == getattr(dropped, part).fingerprint()
+    extra = set(kept.train.task_ids.tolist()) - set(dropped.train.task_ids.tolist())
+    left_out = counts[~counts.between(20, 30)]
+    assert extra == set(left_out[left_out >= 2].index.tolist())
+    assert kept.summary()["filtered_to_train_users"] == len(extra)
+    # every extra train task keeps min(n_query, n // 2) query rows, and at most n_support support rows
+    position = {u: i for i, u in enumerate(kept.train.task_ids.tolist())}
+    for user in extra:
+        i = position[user]
+        assert int(kept.train.query_sizes[i]) == min(5, counts[user] // 2)
+        assert int(kept.train.support_sizes[i]) == min(8, counts[user] - min(5, counts[user] // 2))
 
 
 def test_with_support_size_truncates(data):

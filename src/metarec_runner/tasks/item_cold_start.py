@@ -27,6 +27,21 @@ class ItemColdStart(UserColdStart):
         min_interactions: keep items with at least this many ratings.
         max_interactions: keep items with at most this many (``None`` = no limit).
         seed: the split seed.
+        filtered_users: what happens to the items the filters leave out (see
+            :class:`UserColdStart`; ``"drop"`` by default here, as before).
     """
 
     task_key = "item"
+
+    def __init__(
+        self,
+        ratios: tuple[float, float, float] = (0.8, 0.1, 0.1),
+        n_query: int = 10,
+        n_support: int | None = None,
+        min_interactions: int = 13,
+        max_interactions: int | None = None,
+        seed: int = 0,
+        filtered_users: str = "drop",
+    ) -> None:
+        super().__init__(ratios, n_query, n_support, min_interactions, max_interactions, seed,
+                         filtered_users)

@@ -28,6 +28,9 @@ def _check_ratios(ratios: Sequence[float]) -> tuple[float, float, float]:
     return float(ratios[0]), float(ratios[1]), float(ratios[2])
 
 
+FILTERED_USERS = ("train", "drop")
+
+
 class UserColdStart:
     """User cold start: one task per user; train, validation and test users are disjoint.
 
@@ -38,9 +41,17 @@ class UserColdStart:
         ratios: fractions of eligible users for (train, val, test).
         n_query: query interactions per user.
         n_support: support interactions per user; ``None`` = all but the query.
-        min_interactions: keep users with at least this many interactions.
-        max_interactions: keep users with at most this many (``None`` = no limit).
+        min_interactions: users with at least this many interactions can be validation and
+            test tasks.
+        max_interactions: ... and at most this many (``None`` = no limit).
         seed: the split seed.
+        filtered_users: what happens to the users the two filters leave out: ``"train"`` (the
+            default: they become extra meta-train tasks, so their interactions still count for
+            the item side, popularity and the baselines, as in a deployment; each keeps
+            ``min(n_query, n // 2)`` query rows, and users with a single interaction are
+            dropped) or ``"drop"`` (as older protocols do). The counts are logged with the
+            split (``split.filtered_users``, ``split.filtered_interactions``,
+            ``split.filtered_to_train_users``).
     """
 
     def __init__(
@@ -51,8 +62,13 @@ class UserColdStart:
         min_interactions: int = 13,
         max_interactions: int | None = None,
         seed: int = 0,
+        filtered_users: str = "train",
     ) -> None:
         self.ratios = _check_ratios(list(ratios))
+        if filtered_users not in FILTERED_USERS:
+            raise ConfigError("filtered_users", f"unknown value {filtered_users!r}; choose one of "
+                              f"{', '.join(FILTERED_USERS)}")
+        self.filtered_users = filtered_users
         require_positive("n_query", n_query)
         if n_support is not None:
             require_positive("n_support", n_support)
@@ -87,12 +103,19 @@ class UserColdStart:
         need = self.n_query + (self.n_support or 1)
         short = keys[counts[keys] < need]
         if len(short):
-            what = "support" if self.n_support is None else f"{self.n_support} support items"
+            if self.n_support is None:
+                raise ConfigError(
+                    "splitter.n_query",
+                    f"n_query={self.n_query} leaves no room for support for {len(short)} {kind}s with "
+                    f"fewer than {need} interactions (smallest: {counts[short].min()}); lower "
+                    f"splitter.n_query or raise splitter.min_interactions to {need}",
+                )
             raise ConfigError(
-                "splitter.n_query",
-                f"n_query={self.n_query} leaves no room for {what} for {len(short)} {kind}s with "
-                f"fewer than {need} interactions (smallest: {counts[short].min()}); lower "
-                f"splitter.n_query or raise splitter.min_interactions to {need}",
+                "splitter.n_support",
+                f"n_support={self.n_support} with n_query={self.n_query} needs {need} interactions "
+                f"per {kind}, but {len(short)} {kind}s have fewer (smallest: {counts[short].min()}); "
+                f"lower splitter.n_support (or set it to null: all but the query) or raise "
+                f"splitter.min_interactions to {need}",
             )
         return keys
 
@@ -115,16 +138,27 @@ class UserColdStart:
         n_keys = data.n_users if self.task_key == "user" else data.n_items
         counts = np.bincount(key_col, minlength=n_keys)
         rng = np.random.default_rng(self.seed)
-        groups = self._split_keys(self._eligible(counts, data.name), rng, data.name)
+        eligible = self._eligible(counts, data.name)
+        groups = self._split_keys(eligible, rng, data.name)
         # rank of each interaction within its task, in a seeded random order
         rank = random_rank(key_col, rng)
-        is_query = rank < self.n_query
+        query_size = np.full(n_keys, self.n_query, dtype=np.int64)
+        left_out = np.setdiff1d(np.flatnonzero(counts > 0), eligible)
+        filtered = {"filtered_users": len(left_out),
+                    "filtered_interactions": int(counts[left_out].sum()),
+                    "filtered_to_train_users": 0}
+        if self.filtered_users == "train" and len(left_out):
+            extra = left_out[counts[left_out] >= 2]  # a task needs a support and a query row
+            query_size[extra] = np.minimum(self.n_query, counts[extra] // 2)
+            filtered["filtered_to_train_users"] = len(extra)
+            groups = (np.concatenate([groups[0], extra]), *groups[1:])
+        is_query = rank < query_size[key_col]
         is_support = ~is_query
         if self.n_support is not None:
-            is_support &= rank < self.n_query + self.n_support
+            is_support &= rank < query_size[key_col] + self.n_support
         parts = [taskset_by_key(data, key_col, n_keys, g, rank, is_support, is_query, self.task_key)
                  for g in groups]
-        return TaskSplits(*parts)
+        return TaskSplits(*parts, filtered=filtered)
 
 
 def random_rank(key_col: np.ndarray, rng: np.random.Generator, select: np.ndarray | None = None) -> np.ndarray:

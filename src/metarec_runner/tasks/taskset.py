@@ -161,6 +161,9 @@ class TaskSplits:
     train: TaskSet
     val: TaskSet
     test: TaskSet
+    filtered: dict[str, int] | None = None
+    """What the splitter's interaction filters did, e.g. ``{"filtered_users": 12,
+    "filtered_interactions": 80, "filtered_to_train_users": 10}`` (logged with the split)."""
 
     @property
     def split_hash(self) -> str:
@@ -177,4 +180,5 @@ class TaskSplits:
             out[f"{name}_tasks"] = len(part)
             out[f"{name}_support_rows"] = int(part.support_offsets[-1])
             out[f"{name}_query_rows"] = int(part.query_offsets[-1])
+        out.update(self.filtered or {})
         return out
