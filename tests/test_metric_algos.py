@@ -162,7 +162,7 @@ def test_incompatible_pairs_raise_one_line_naming_both():
                               "has none; use model=fm, gru, melu, mf or mlp")
     cfg = _compose("+algo=maml", "model=gru")
     model = build("model", cfg.model, schema=SMALL_SCHEMA, rating_mean=3.0)
-    with pytest.raises(ConfigError, match=r"^algo\.model: algo maml/fomaml needs a model that scores rows "
+    with pytest.raises(ConfigError, match=r"^algo\.model: algo maml/fomaml/melu needs a model that scores rows "
                        r"on their own.*model gru reads the user's support sequence; use algo=protonet"):
         build("algo", cfg.algo, model=model)
     with pytest.raises(ConfigError, match="matchingnet.*linear has none"):

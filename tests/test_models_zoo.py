@@ -1,6 +1,8 @@
 """The model zoo (mf, fm, linear, mlp, gru): batched per-task computation equals the per-task
 module call in float64, MAML meta-gradients equal a per-task loop, MF adapts only the user
-vector, and every algo x model pair either runs a meta-step or raises the documented error."""
+vector, and every algo x model pair either runs a meta-step or, when the classes' capability
+attributes say it is incompatible (``algos.compat``; README's table is tested against them in
+``test_capabilities``), raises a one-line error."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch.func import functional_call
 
-from metarec_runner.algos.compat import MODEL_PROVIDES, capabilities
+from metarec_runner.algos.compat import builtin_classes, missing
 from metarec_runner.algos.maml import MAML
 from metarec_runner.data.interactions import FeatureSchema
 from metarec_runner.errors import ConfigError
@@ -172,24 +174,11 @@ def test_gru_batched_state_equals_per_task_recursion(schema):
         assert (scores[b] - ref).abs().max() < TOL
 
 
-def test_capabilities_match_the_table():
-    for name, cls in {**ROWWISE, "gru": GRUSequenceModel}.items():
-        assert capabilities(_model(cls, SMALL_SCHEMA)) == MODEL_PROVIDES[name]
-
-
 # -- every algo x model pair ------------------------------------------------------------------
 
-REFERENCE_SCORERS = {"random", "constant", "oracle", "popularity", "item_mean"}
-METRIC = {"protonet", "matchingnet"}
-
-
-def _expected_error(algo: str, model: str) -> str | None:
-    """The compatibility table as the README states it."""
-    if algo in REFERENCE_SCORERS:
-        return None
-    if algo in METRIC:
-        return "needs a model with item embeddings; model linear has none" if model == "linear" else None
-    return "model gru reads the user's support sequence; use algo=protonet" if model == "gru" else None
+#: what the message says a model lacks, per missing capability
+LACKS = {"rowwise": "reads the user's support sequence; use algo=protonet", "head": "has no head",
+         "item_embedding": "has none"}
 
 
 @pytest.mark.parametrize("algo", group_options("algo"))
@@ -201,11 +190,12 @@ def test_every_algo_model_pair_runs_a_meta_step_or_refuses(algo):
                                                            "logger=none"])
         torch.manual_seed(0)
         model = build("model", cfg.model, schema=SMALL_SCHEMA, rating_mean=3.0)
-        expected = _expected_error(algo, model_name)
-        if expected is not None:
-            with pytest.raises(ConfigError, match=expected) as err:
+        algo_cls = builtin_classes("algo")[algo]
+        lacking = missing(algo_cls, model, cfg.algo.get("adapt"))
+        if lacking:  # the attributes say no: building refuses in one line naming both
+            with pytest.raises(ConfigError, match=f"model {model_name} {LACKS[lacking[0]]}") as err:
                 build("algo", cfg.algo, model=model)
-            assert "\n" not in str(err.value) and f"model {model_name}" in str(err.value)
+            assert "\n" not in str(err.value) and str(err.value).startswith("algo.model: algo ")
             continue
         algo_obj = build("algo", cfg.algo, model=model)
         stats = algo_obj.meta_step(batch)

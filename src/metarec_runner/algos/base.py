@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -159,6 +160,12 @@ class MetaAlgorithm:
 
     #: whether ``adapt`` changes anything (False for non-adaptive baselines)
     adapts: bool = True
+    #: capabilities the model must provide (``algos.compat``; read through the MRO, so a
+    #: subclass inherits them); ``adapt: head`` adds ``head``. Nothing by default (the
+    #: reference scorers accept every model); gradient-based algorithms require ``rowwise``.
+    requires: ClassVar[frozenset[str]] = frozenset()
+    #: optional capabilities this algorithm makes use of when the model has them (``algos.compat``)
+    uses: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(
         self,
@@ -172,7 +179,7 @@ class MetaAlgorithm:
         require_choice("loss", loss, LOSSES)
         self.model = model
         self.scope = adapt
-        check_compatible(self, model)  # algos.compat: one-line error for an incompatible model
+        check_compatible(self, model)  # class attributes (algos.compat): one line if incompatible
         self.touched_rows = bool(touched_rows)
         self.loss = loss
         try:
@@ -375,6 +382,9 @@ class SupportSGD(MetaAlgorithm):
         aux_loss: ``none`` or ``support`` (see :data:`AUX_LOSSES`).
         aux_weight: weight of the auxiliary term in the meta-objective (0 = off).
     """
+
+    #: SGD on the support rows: the model must score rows on their own (``algos.compat``)
+    requires: ClassVar[frozenset[str]] = frozenset({"rowwise"})
 
     def __init__(
         self,

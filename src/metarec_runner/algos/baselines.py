@@ -8,6 +8,7 @@ test user's support set (the baseline every meta-learner must beat).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -27,6 +28,8 @@ class GlobalModel(MetaAlgorithm):
     """
 
     adapts = False
+    #: trains ``model(x)`` on rows: the model must score rows on their own (``algos.compat``)
+    requires: ClassVar[frozenset[str]] = frozenset({"rowwise"})
 
     def __init__(
         self, model: nn.Module, meta_optimizer: Callable[..., torch.optim.Optimizer], loss: str = "mse"

@@ -7,7 +7,7 @@ Networks for One Shot Learning." NeurIPS 2016.
 Both score a query item from the model's base score ``model(x)`` (the rating a user with no
 history gets) and the support set's *residuals* ``r_j = y_j - model(x_j)`` (``y_j -
 sigmoid(model(x_j))`` with ``loss: bce``), using the model's item embeddings
-(``algos.compat.item_embedding``). All tasks of a batch are read at once (padded, masked); the
+(``model.item_embedding``, see ``algos.compat``). All tasks of a batch are read at once (padded, masked); the
 model and the algorithm's own similarity parameters are meta-trained end-to-end on the mean
 query loss. ``adapt(batch)`` computes each task's context once; the scorer then scores any rows.
 
@@ -26,18 +26,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metarec_runner.algos.base import AdaptedScorer, MetaAlgorithm
-from metarec_runner.algos.compat import (
-    capabilities,
-    check_compatible,
-    item_embedding,
-    item_embedding_dim,
-)
+from metarec_runner.algos.compat import check_compatible, provided
 from metarec_runner.errors import ConfigError, require_choice, require_non_negative
 from metarec_runner.tasks.taskset import TaskBatch
 
@@ -70,6 +66,9 @@ class SupportConditioned(MetaAlgorithm):
             meta-train rating as the global model does (0 = query loss only).
     """
 
+    #: capabilities it needs of the model (``algos.compat``)
+    requires: ClassVar[frozenset[str]] = frozenset({"item_embedding"})
+
     def __init__(self, model: nn.Module, meta_optimizer: Callable[..., torch.optim.Optimizer],
                  loss: str = "mse", support_weight: float = 1.0) -> None:
         # MetaAlgorithm.__init__ is not called: its optimizer would miss the algorithm's parameters
@@ -81,9 +80,10 @@ class SupportConditioned(MetaAlgorithm):
         self.touched_rows = False
         self.loss = loss
         check_compatible(self, model)
-        self.sequence = "sequence" in capabilities(model)
+        #: whether the model reads the support sequence itself and this algorithm uses that
+        self.sequence = "sequence" in (self.uses & provided(model))
         first = next(model.parameters())
-        self.net = self.build_net(item_embedding_dim(model)).to(device=first.device, dtype=first.dtype)
+        self.net = self.build_net(int(model.item_embedding_dim)).to(device=first.device, dtype=first.dtype)
         try:
             self.optimizer = meta_optimizer(params=[*model.parameters(), *self.net.parameters()])
         except ValueError as e:
@@ -156,6 +156,9 @@ class _Bilinear(nn.Module):
 class ProtoNet(SupportConditioned):
     """Prototypical user representation + bilinear similarity (see the module docstring)."""
 
+    #: with a sequence model, the prototype is the model's state over the support sequence
+    uses: ClassVar[frozenset[str]] = frozenset({"sequence"})
+
     def build_net(self, dim: int) -> nn.Module:
         return _Bilinear(dim)
 
@@ -168,14 +171,14 @@ class ProtoNet(SupportConditioned):
         n = m.sum(1).clamp_min(1.0)
         offset = r.sum(1) / n
         centred = (r - offset.unsqueeze(1)) * m
-        emb = item_embedding(self.model, batch.support_x)  # [B, S, d]
+        emb = self.model.item_embedding(batch.support_x)  # [B, S, d]
         prototype = (centred.unsqueeze(-1) * emb).sum(1) / n.unsqueeze(-1)
         return {"prototype": prototype, "offset": offset}
 
     def score(self, ctx: Context, x: Tensor) -> Tensor:
         if "state" in ctx:
             return self.model.score(ctx["state"], x)
-        e = item_embedding(self.model, x)  # [B, L, d]
+        e = self.model.item_embedding(x)  # [B, L, d]
         user = ctx["prototype"] @ self.net.weight.T  # [B, d]: W p
         sim = (e * user.unsqueeze(1)).sum(-1)
         return self.model(x) + self.net.beta * ctx["offset"].unsqueeze(1) + sim
@@ -199,7 +202,7 @@ class MatchingNet(SupportConditioned):
 
     def _keys(self, x: Tensor) -> Tensor:
         """Projected item embeddings ``[B, L, d]``."""
-        return item_embedding(self.model, x) @ self.net.project.T
+        return self.model.item_embedding(x) @ self.net.project.T
 
     def context(self, batch: TaskBatch, support_scores: Tensor | None = None) -> Context:
         """``{"keys": [B, S, d], "residual": [B, S], "mask": [B, S]}``."""

@@ -2,6 +2,7 @@
 
 ``preference`` (MeLU, ``model=melu``), ``mf``, ``fm``, ``linear``, ``mlp`` score feature rows on
 their own; ``gru`` reads the user's support sequence. ``fields`` holds the shared field
-embeddings and the user-vector head. What each provides (``head``, ``item_embedding``,
-``sequence``) and which algorithms accept it: ``metarec_runner.algos.compat``.
+embeddings and the user-vector head. Each model class declares what it provides (``rowwise``,
+``head``, ``item_embedding``, ``sequence``) in its ``provides`` class attribute, inherited by
+subclasses; which algorithms accept it: ``metarec_runner.algos.compat``.
 """

@@ -14,6 +14,7 @@ meta-learned values (a :class:`~metarec_runner.models.fields.UserVectorHead`), s
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +42,8 @@ class FactorizationMachine(nn.Module):
         init_std: std of the initial factors.
     """
 
-    provides = frozenset({"rowwise", "head", "item_embedding"})
+    #: capabilities (``algos.compat``): scores rows, body/head split, item embeddings
+    provides: ClassVar[frozenset[str]] = frozenset({"rowwise", "head", "item_embedding"})
 
     def __init__(
         self,

@@ -28,6 +28,7 @@ compatibility check refuses them with this model.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -49,7 +50,8 @@ class GRUSequenceModel(nn.Module):
         rating_mean: global bias and the centre of the ratings fed to the GRU.
     """
 
-    provides = frozenset({"item_embedding", "sequence"})
+    #: capabilities (``algos.compat``): item embeddings, reads the support sequence; not rowwise
+    provides: ClassVar[frozenset[str]] = frozenset({"item_embedding", "sequence"})
 
     def __init__(
         self,

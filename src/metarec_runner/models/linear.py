@@ -14,6 +14,7 @@ scalars), so metric algorithms refuse it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -49,7 +50,8 @@ class LinearModel(nn.Module):
         rating_mean: initial bias.
     """
 
-    provides = frozenset({"rowwise", "head"})
+    #: capabilities (``algos.compat``): scores rows, body/head split; no item embeddings
+    provides: ClassVar[frozenset[str]] = frozenset({"rowwise", "head"})
 
     def __init__(self, schema: FeatureSchema, fields: Sequence[str] | None = None,
                  rating_mean: float = 0.0) -> None:

@@ -17,6 +17,7 @@ meta-learned ``u`` and ``b_u`` (the :class:`~metarec_runner.models.fields.UserVe
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -38,8 +39,8 @@ class MatrixFactorization(nn.Module):
         init_std: std of the initial factors.
     """
 
-    #: what the compatibility table reads (see ``algos.compat``)
-    provides = frozenset({"rowwise", "head", "item_embedding"})
+    #: capabilities (``algos.compat``): scores rows, body/head split, item embeddings
+    provides: ClassVar[frozenset[str]] = frozenset({"rowwise", "head", "item_embedding"})
 
     def __init__(
         self,

@@ -16,6 +16,7 @@ embedding table. The input width does not grow with the number of fields.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -56,7 +57,8 @@ class MLPRecommender(nn.Module):
         rating_mean: initial output bias.
     """
 
-    provides = frozenset({"rowwise", "head", "item_embedding"})
+    #: capabilities (``algos.compat``): scores rows, body/head split, item embeddings
+    provides: ClassVar[frozenset[str]] = frozenset({"rowwise", "head", "item_embedding"})
 
     def __init__(
         self,

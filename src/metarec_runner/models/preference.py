@@ -12,6 +12,7 @@ alone on precomputed body outputs.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -102,6 +103,9 @@ class PreferenceEstimator(nn.Module):
         rating_mean: initial output bias (the training ratings' mean speeds up training).
     """
 
+    #: capabilities (``algos.compat``): scores rows, body/head split, item embeddings (its body)
+    provides: ClassVar[frozenset[str]] = frozenset({"rowwise", "head", "item_embedding"})
+
     def __init__(
         self,
         schema: FeatureSchema,
@@ -190,6 +194,16 @@ class PreferenceEstimator(nn.Module):
             else:
                 parts.append(F.embedding(block, weight).flatten(-2))
         return torch.cat(parts, -1).reshape(*lead, -1)
+
+    @property
+    def item_embedding_dim(self) -> int:
+        """Size of :meth:`item_embedding`: ``F * d`` (every field's embedding)."""
+        return int(self.embedding.embedding_dim) * len(self.fields)
+
+    def item_embedding(self, x: Tensor) -> Tensor:
+        """Item embeddings ``[..., F*d]`` of rows ``x [..., F_all]``: the whole :meth:`body`,
+        the concatenated embeddings of all the model's fields."""
+        return self.body(x)
 
     def forward(self, x: Tensor) -> Tensor:
         """Feature rows ``x [..., F_all]`` -> predicted ratings ``[...]``."""
