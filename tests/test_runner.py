@@ -91,6 +91,8 @@ class _ScriptedAlgo:
     """An 'algorithm' whose state is the number of meta-steps taken, so the restored state
     names the epoch that model selection kept."""
 
+    fits_once = False
+
     def __init__(self, steps_per_epoch: int) -> None:
         self.model = torch.nn.Linear(1, 1)
         self.steps = 0

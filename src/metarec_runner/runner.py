@@ -127,7 +127,7 @@ class Runner:
         The model ends in its best validation state. An algorithm that ``fits_once`` (the
         closed-form and counting scorers) is fitted by one call instead: :meth:`fit_once`.
         """
-        if getattr(self.algo, "fits_once", False):
+        if self.algo.fits_once:
             return self.fit_once(train, val)
         result = FitResult()
         best_state = None

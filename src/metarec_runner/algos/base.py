@@ -166,6 +166,11 @@ class MetaAlgorithm:
     requires: ClassVar[frozenset[str]] = frozenset()
     #: optional capabilities this algorithm makes use of when the model has them (``algos.compat``)
     uses: ClassVar[frozenset[str]] = frozenset()
+    #: fitted by one ``fit(train)`` call instead of the runner's epoch loop (closed-form and
+    #: counting scorers); trained algorithms meta-step through epochs
+    fits_once: ClassVar[bool] = False
+    #: whether ``predict`` returns ratings: RMSE/MAE are reported, and may be monitored, only then
+    predicts_ratings: ClassVar[bool] = True
 
     def __init__(
         self,
