@@ -1,4 +1,5 @@
-"""``metarec compare``: runs collected from a real MLflow store, CI arithmetic, paired differences."""
+"""``metarec compare``: runs collected from a real MLflow store, t-intervals over distinct seeds,
+paired differences over distinct users, one-seed tables without an interval."""
 
 from __future__ import annotations
 
@@ -12,12 +13,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats as sps
 
 from metarec_runner.compare import CompareError, compare_table, lower_is_better
-from metarec_runner.evaluate.summary import Z_95
+from metarec_runner.evaluate.stats import NO_INTERVAL_ONE_SEED
 
 METAREC = [sys.executable, "-m", "metarec_runner.cli"]
 TINY = ["dataset.n_users=120", "dataset.n_items=80", "trainer.max_epochs=2", "trainer.progress=false"]
+
+
+def _t_half(values) -> float:
+    """scipy's 95% Student's t half-width of the mean of ``values``."""
+    values = np.asarray(values, dtype=float)
+    lo, hi = sps.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=sps.sem(values))
+    return (hi - lo) / 2
 
 
 def _env(out: Path) -> dict[str, str]:
@@ -50,39 +59,93 @@ PER_TASK = {  # task 3 is missing from a0: only common tasks pair
 }
 
 
-def test_compare_table_ci_over_runs_and_single_run_ci():
+def test_compare_table_t_interval_over_distinct_seeds():
     table = compare_table(_hand_runs(), "rmse")
     assert list(table["algo"]) == ["b", "a", "base"]  # rmse: lower first
     a = table.set_index("algo").loc["a"]
-    vals = np.array([1.0, 1.2, 1.4])
-    assert a["n_runs"] == 3 and a["n_seeds"] == 3 and a["ci_over"] == "runs"
+    assert a["n_runs"] == 3 and a["n_seeds"] == 3 and a["ci_over"] == "seeds"
     assert a["mean"] == pytest.approx(1.2)
-    assert a["ci95"] == pytest.approx(Z_95 * vals.std(ddof=1) / math.sqrt(3))
-    assert a["ci95"] == pytest.approx(1.959963984540054 * 0.2 / math.sqrt(3))
-    b = table.set_index("algo").loc["b"]
-    assert b["n_runs"] == 1 and b["ci_over"] == "tasks" and b["ci95"] == pytest.approx(0.05)
+    assert a["ci95"] == pytest.approx(_t_half([1.0, 1.2, 1.4]))
+    assert a["ci95"] == pytest.approx(sps.t.ppf(0.975, 2) * 0.2 / math.sqrt(3))
     base = table.set_index("algo").loc["base"]
-    assert base["ci95"] == pytest.approx(Z_95 * np.std([1.5, 1.7], ddof=1) / math.sqrt(2))
-    # higher is better for ndcg: descending
+    assert base["ci95"] == pytest.approx(12.7062 * np.std([1.5, 1.7], ddof=1) / math.sqrt(2), rel=1e-4)
+    # one distinct seed: no interval over seeds (not the run's own interval over tasks, not 0)
+    b = table.set_index("algo").loc["b"]
+    assert b["n_runs"] == 1 and b["n_seeds"] == 1 and b["ci_over"] == "one seed"
+    assert math.isnan(b["ci95"])
+    # higher is better for ndcg: descending (the declared direction, metric_specs)
     assert list(compare_table(_hand_runs(), "test/ndcg_at_5")["algo"]) == ["b", "a", "base"]
     assert lower_is_better("rmse") and lower_is_better("floor_rmse") and not lower_is_better("ndcg_at_5")
+    assert lower_is_better("ref/random/mae") and not lower_is_better("test/auc")
 
 
-def test_compare_table_paired_difference_by_seed_and_fallback():
+def test_same_seed_twice_is_one_seed():
+    runs = _hand_runs()
+    runs.loc[runs["run_id"] == "base1", "seed"] = 0  # base: seed 0 twice
+    base = compare_table(runs, "rmse").set_index("algo").loc["base"]
+    assert base["n_runs"] == 2 and base["n_seeds"] == 1 and math.isnan(base["ci95"])
+    assert base["mean"] == pytest.approx(1.6) and base["ci_over"] == "one seed"
+    # a split seed is a seed too: the same seed on two splits is two replicates
+    runs.loc[runs["run_id"] == "base1", "split_hash"] = "h9"
+    assert compare_table(runs, "rmse").set_index("algo").loc["base", "n_seeds"] == 2
+
+
+def test_compare_table_paired_difference_over_distinct_users():
     table = compare_table(_hand_runs(), "rmse", baseline="base", per_task=PER_TASK.__getitem__)
     t = table.set_index("algo")
-    # a0 <-> base0 (seed 0), a1 <-> base1 (seed 1), a2 (seed 2) <-> mean of base0, base1 per task
-    expected = np.array([1.0 - 2.0, 2.0 - 2.0,                 # a0 - base0, tasks 1, 2
-                         1.5 - 1.0, 2.5 - 3.0, 0.5 - 1.0,      # a1 - base1
-                         0.0 - 1.5, 0.0 - 2.5, 0.0 - 1.5])     # a2 - mean(base0, base1)
-    assert t.loc["a", "n_paired"] == len(expected)
-    assert t.loc["a", "diff"] == pytest.approx(expected.mean())
-    assert t.loc["a", "diff_ci95"] == pytest.approx(Z_95 * expected.std(ddof=1) / math.sqrt(len(expected)))
+    # each user averaged over the seeds on each side, then the difference per user
+    own = {1: np.mean([1.0, 1.5, 0.0]), 2: np.mean([2.0, 2.5, 0.0]), 3: np.mean([0.5, 0.0])}
+    base = {1: np.mean([2.0, 1.0]), 2: np.mean([2.0, 3.0]), 3: np.mean([2.0, 1.0])}
+    per_user = np.array([own[u] - base[u] for u in (1, 2, 3)])
+    assert t.loc["a", "n_users"] == 3 and t.loc["a", "n_seeds_paired"] == 3  # not 8 (run, task) pairs
+    assert t.loc["a", "diff"] == pytest.approx(per_user.mean())
+    assert t.loc["a", "diff_ci95"] == pytest.approx(_t_half(per_user))
+    assert t.loc["a", "diff_ci_lo"] == pytest.approx(per_user.mean() - _t_half(per_user))
     assert t.loc["a", "paired"] == "yes" and t.loc["a", "unpaired_runs"] == 0
     # b's split_hash h2 has no baseline run: reported as not paired, never compared
-    assert t.loc["b", "paired"] == "no" and t.loc["b", "n_paired"] == 0 and math.isnan(t.loc["b", "diff"])
+    assert t.loc["b", "paired"] == "no" and t.loc["b", "n_users"] == 0 and math.isnan(t.loc["b", "diff"])
     assert t.loc["b", "unpaired_runs"] == 1
     assert t.loc["base", "paired"] == "baseline"
+    # the bootstrap over users stays available
+    boot = compare_table(_hand_runs(), "rmse", baseline="base", per_task=PER_TASK.__getitem__,
+                         ci="bootstrap").set_index("algo").loc["a"]
+    assert boot["diff"] == pytest.approx(per_user.mean()) and boot["n_users"] == 3
+    assert boot["diff_ci_lo"] <= boot["diff"] <= boot["diff_ci_hi"]
+    with pytest.raises(CompareError, match="ci must be one of"):
+        compare_table(_hand_runs(), "rmse", ci="normal")
+
+
+def test_paired_users_are_qualified_by_the_data_checksum():
+    """Two split seeds of generated data: task 1 of one split is not task 1 of the other."""
+    runs = pd.DataFrame({
+        "run_id": ["a0", "a1", "g0", "g1"], "algo": ["a", "a", "g", "g"],
+        "seed": pd.array([0, 0, 0, 0], dtype="Int64"), "split_hash": ["s0", "s1", "s0", "s1"],
+        "tags.data_checksum": ["c0", "c1", "c0", "c1"], "test/rmse": [1.0, 1.0, 1.5, 1.5]})
+    frames = {rid: pd.DataFrame({"task_id": [1, 2], "rmse": [v, v]})
+              for rid, v in (("a0", 1.0), ("a1", 2.0), ("g0", 1.5), ("g1", 1.5))}
+    row = compare_table(runs, "rmse", baseline="g", per_task=frames.__getitem__).set_index("algo").loc["a"]
+    assert row["n_users"] == 4 and row["n_seeds_paired"] == 2
+    runs["tags.data_checksum"] = "same"  # the same data: the same two users, their pairs averaged
+    row = compare_table(runs, "rmse", baseline="g", per_task=frames.__getitem__).set_index("algo").loc["a"]
+    assert row["n_users"] == 2 and row["diff"] == pytest.approx(0.0)
+    runs.loc[runs["run_id"] == "g1", "tags.data_checksum"] = None  # a run without the tag still pairs
+    row = compare_table(runs, "rmse", baseline="g", per_task=frames.__getitem__).set_index("algo").loc["a"]
+    assert row["n_users"] == 2 and row["n_seeds_paired"] == 2
+
+
+def test_one_seed_table_prints_no_interval_and_says_why(capsys):
+    from metarec_runner.compare_cli import _print_table
+
+    runs = _hand_runs()
+    runs = runs[runs["run_id"].isin(["a0", "b0", "base0"])]
+    table = compare_table(runs, "rmse", baseline="base", per_task=PER_TASK.__getitem__)
+    assert (table["n_seeds"] == 1).all() and table["ci95"].isna().all()
+    _print_table(table, runs, None)
+    out = capsys.readouterr().out
+    assert NO_INTERVAL_ONE_SEED in out
+    assert "none: 1 seed" in out and "0.0000" not in out  # no interval of 0 printed
+    a_line = next(line for line in out.splitlines() if line.startswith("│ a "))
+    assert "2 users (1 seed averaged)" in a_line
 
 
 def test_compare_table_errors_name_the_fix():
@@ -146,7 +209,7 @@ def test_collect_runs_and_group_by_algo(sweep_store):
     for algo, row in table.set_index("algo").iterrows():
         means = runs.loc[runs["algo"] == algo, "test/rmse"].to_numpy()
         assert row["mean"] == pytest.approx(means.mean())
-        assert row["ci95"] == pytest.approx(Z_95 * means.std(ddof=1) / math.sqrt(2))
+        assert row["ci95"] == pytest.approx(_t_half(means))  # t with 1 df: 12.71, not 1.96
 
 
 @pytest.mark.slow
@@ -160,21 +223,25 @@ def test_paired_difference_matches_hand_computation(sweep_store, tmp_path):
     maml = table.set_index("algo").loc["maml"]
 
     client = MlflowClient(_uri(sweep_store))
-    diffs = []
-    for seed in (0, 1):
-        frames = {}
-        for algo in ("maml", "global"):
+    frames = {}
+    for algo in ("maml", "global"):
+        for seed in (0, 1):
             run_id = runs.loc[(runs["algo"] == algo) & (runs["seed"] == seed), "run_id"].item()
             dst = tmp_path / "mine" / run_id
             dst.mkdir(parents=True)
-            frames[algo] = pd.read_csv(client.download_artifacts(run_id, "per_task.csv", str(dst)))
-        joined = frames["maml"].merge(frames["global"], on="task_id", suffixes=("_m", "_g"))
-        assert len(joined) == len(frames["maml"])  # the same test users
-        diffs.append((joined["rmse_m"] - joined["rmse_g"]).to_numpy())
-    pooled = np.concatenate(diffs)
-    assert maml["paired"] == "yes" and maml["n_paired"] == len(pooled)
-    assert maml["diff"] == pytest.approx(pooled.mean(), abs=1e-12)
-    assert maml["diff_ci95"] == pytest.approx(Z_95 * pooled.std(ddof=1) / math.sqrt(len(pooled)))
+            frames[algo, seed] = pd.read_csv(client.download_artifacts(run_id, "per_task.csv", str(dst)))
+    users = frames["maml", 0]["task_id"].to_numpy()
+    for key, frame in frames.items():  # the same test users in every run
+        assert sorted(frame["task_id"]) == sorted(users), key
+
+    def over_seeds(algo: str) -> pd.Series:
+        return pd.concat([frames[algo, s].set_index("task_id")["rmse"] for s in (0, 1)],
+                         axis=1).mean(axis=1)
+
+    per_user = (over_seeds("maml") - over_seeds("global")).to_numpy()
+    assert maml["paired"] == "yes" and maml["n_users"] == len(users) and maml["n_seeds_paired"] == 2
+    assert maml["diff"] == pytest.approx(per_user.mean(), abs=1e-12)
+    assert maml["diff_ci95"] == pytest.approx(_t_half(per_user))
     # the difference of means equals the mean difference here (all tasks paired, no NaNs)
     mean_gap = (runs.loc[runs["algo"] == "maml", "test/rmse"].mean()
                 - runs.loc[runs["algo"] == "global", "test/rmse"].mean())
@@ -193,8 +260,24 @@ def test_cli_table_csv_and_errors(sweep_store):
     assert res.returncode == 0, res.stderr
     frame = pd.read_csv(io.StringIO(res.stdout))
     assert sorted(frame["algo"]) == ["global", "maml"]
-    assert {"n_runs", "n_seeds", "mean", "ci95", "diff", "diff_ci95", "n_paired"} <= set(frame.columns)
+    assert {"n_runs", "n_seeds", "mean", "ci95", "diff", "diff_ci95", "n_users"} <= set(frame.columns)
+    assert "n_paired" not in frame.columns
     assert frame["mean"].is_monotonic_decreasing  # ndcg: higher is better, best first
+    maml = frame.set_index("algo").loc["maml"]
+    assert maml["n_seeds"] == 2 and maml["n_seeds_paired"] == 2
+    per_seed = pd.read_csv(io.StringIO(_compare(
+        sweep_store, "--sweep", "latest", "--metric", "ndcg_at_5", "--by", "algo,seed",
+        "--baseline", "global", "--format", "csv").stdout)).set_index(["algo", "seed"])
+    # 2 seeds x U users: U distinct users, the same U as one seed alone pairs
+    assert maml["n_users"] == per_seed.loc[("maml", 0), "n_users"] == per_seed.loc[("maml", 1), "n_users"]
+
+    # grouped by seed too: one distinct seed per group, no interval, and the reason says so
+    res = _compare(sweep_store, "--sweep", "latest", "--by", "algo,seed", "--baseline", "global")
+    assert res.returncode == 0, res.stderr
+    assert NO_INTERVAL_ONE_SEED in res.stdout and "none: 1 seed" in res.stdout
+    res = _compare(sweep_store, "--sweep", "latest", "--by", "algo,seed", "--format", "csv")
+    assert res.returncode == 0 and NO_INTERVAL_ONE_SEED in res.stderr
+    assert pd.read_csv(io.StringIO(res.stdout))["ci95"].isna().all()
 
     res = _compare(sweep_store, "--sweep", "latest", "--metric", "nope")
     assert res.returncode == 2

@@ -79,6 +79,34 @@ def test_comparison_png_and_labels(tmp_path: Path) -> None:
     assert_png(plots.plot_comparison(pd.DataFrame(table), tmp_path / "cmp2.png", "rmse"))
 
 
+def test_comparison_bars_are_the_t_intervals_clipped_to_the_metric_range(tmp_path: Path) -> None:
+    from metarec_runner.compare import compare_table
+
+    runs = pd.DataFrame({
+        "run_id": ["a0", "a1", "b0", "c0", "c1"], "algo": ["a", "a", "b", "c", "c"],
+        "seed": pd.array([0, 1, 0, 0, 1], dtype="Int64"), "split_hash": ["h"] * 5,
+        "test/ndcg_at_5": [0.05, 0.15, 0.5, 0.9, 0.99], "test/rmse": [0.1, 0.3, 1.0, 1.0, 1.1]})
+    table = compare_table(runs, "ndcg_at_5")
+    _, lo, hi = plots.comparison_bars(table, "ndcg_at_5")
+    t = table.set_index("algo")
+    assert t.loc["a", "ci95"] == pytest.approx(12.7062 * np.std([0.05, 0.15], ddof=1) / np.sqrt(2),
+                                               rel=1e-4)
+    rows = {algo: i for i, algo in enumerate(table["algo"])}
+    assert lo[rows["a"]] == 0.0 and hi[rows["a"]] == pytest.approx(0.1 + t.loc["a", "ci95"])
+    assert hi[rows["c"]] == 1.0 and lo[rows["c"]] == pytest.approx(0.945 - t.loc["c", "ci95"])
+    assert np.isnan(lo[rows["b"]]) and np.isnan(hi[rows["b"]])  # one seed: no bar at all
+    assert_png(plots.plot_comparison(table, tmp_path / "ndcg.png", "ndcg_at_5"))
+    # rmse: bounded below by 0 only
+    table = compare_table(runs, "rmse")
+    _, lo, hi = plots.comparison_bars(table, "rmse")
+    i = list(table["algo"]).index("a")
+    assert lo[i] == 0.0 and hi[i] == pytest.approx(0.2 + table.loc[i, "ci95"]) and hi[i] > 1.0
+    assert_png(plots.plot_comparison(table, tmp_path / "rmse.png", "rmse"))
+    # a column that names no declared metric: not clipped
+    _, lo, _ = plots.comparison_bars(table, "something")
+    assert lo[i] == pytest.approx(0.2 - table.loc[i, "ci95"])
+
+
 @pytest.mark.parametrize("draw, frame", [
     (plots.plot_learning_curves, pd.DataFrame()),
     (plots.plot_learning_curves, pd.DataFrame({"loss": [1.0]})),

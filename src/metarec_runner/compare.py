@@ -1,18 +1,27 @@
 """Compare finished runs in an MLflow store: one row per group (e.g. per algorithm), the mean of
-the runs' test means with a 95% CI over runs, and a paired difference to a baseline on the very
-same test tasks (same ``split_hash``), pooled over seeds.
+the runs' test means with a 95% Student's t-interval over distinct seeds, and a paired
+difference to a baseline on the very same test tasks (same ``split_hash``), with a t-interval
+(or a bootstrap) over distinct test users. The arithmetic, and a precise statement of what each
+interval is, are in :mod:`metarec_runner.evaluate.stats`.
 
-Pairing rule: every run of a group is joined, on ``task_id`` of its ``per_task.csv``, with the
-baseline runs that have the same ``split_hash`` and the same ``seed``; when no baseline run has
-that seed, with the baseline runs of the same ``split_hash`` (their per-task values averaged).
-A run whose ``split_hash`` no baseline run shares is counted as *not paired*: runs on different
-test tasks are never compared task by task.
+Seeds: a seed is a distinct ``(split_hash, seed)`` pair. Runs of a group that share both (the
+same seed run twice) are averaged into one value first and count once; with one distinct seed
+a group has no interval over seeds (``ci95`` NaN, ``ci_over="one seed"``), never an interval of 0.
+
+Pairing rule: the group's runs other than the baseline's are paired with the baseline's runs of
+the same ``split_hash`` (the same test tasks). On each side separately each user's per-task
+value is averaged over the seeds (a seed's runs first averaged), the difference is taken per
+user and split, each user's differences are averaged over the splits (split seeds) in which it
+was tested, and the interval is formed over the distinct users (``n_users``). A user is its
+``task_id``, qualified by the run's data checksum (``tags.data_checksum``) when runs carry one:
+data generated per split seed (the toy store) have different users under the same ids. A run
+whose ``split_hash`` no baseline run shares is counted as *not paired*: runs on different test
+tasks are never compared task by task.
 """
 
 from __future__ import annotations
 
 import atexit
-import math
 import os
 import re
 import shutil
@@ -20,30 +29,25 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from metarec_runner.errors import MetarecError
-from metarec_runner.evaluate.summary import Z_95, mean_ci
+from metarec_runner.evaluate import stats
+from metarec_runner.evaluate.metric_specs import UnknownMetric, lower_is_better  # re-exported
 
 PARENT_TAG = "mlflow.parentRunId"
 SWEEP_PREFIX = "sweep:"
 CORE_TAGS = ("algo", "model", "dataset", "splitter", "split_hash", "protocol")
-LOWER_IS_BETTER = ("rmse", "mae", "mse", "loss")
 PER_TASK_FILE = "per_task.csv"
 OVERRIDE_PREFIX = "override."  # collect_runs' columns of each job's own command-line overrides
-AGGREGATED_KEYS = ("seed",)  # swept keys that are aggregated over (CIs over runs), never grouped by
+AGGREGATED_KEYS = ("seed",)  # swept keys that are aggregated over (CIs over seeds), never grouped by
+SEED_KEYS = ("split_hash", "seed")  # what makes two runs of a group distinct seeds
+CHECKSUM_COLUMN = "tags.data_checksum"  # qualifies task ids: the same id in other data is another user
 _OVERRIDE_START = re.compile(r" (?=[+~]{0,2}[\w./@-]+=)")  # where the next `key=` begins
 
 
 class CompareError(MetarecError):
     """Nothing (or nothing sensible) to compare: unknown experiment, metric, group key, baseline."""
-
-
-def lower_is_better(metric: str) -> bool:
-    """``rmse``, ``mae``, ``floor_rmse``, ``*loss`` ...: smaller is better; anything else larger."""
-    name = metric.split("/")[-1]
-    return name.endswith(LOWER_IS_BETTER)
 
 
 def _metric_name(metric: str) -> str:
@@ -258,30 +262,51 @@ class PerTaskCache:
         return self._frames[run_id]
 
 
-def _paired_differences(run: pd.Series, partners: pd.DataFrame, metric: str,
-                        per_task: Callable[[str], pd.DataFrame]) -> np.ndarray:
-    """Per-task ``run - baseline`` on the tasks both have (baseline averaged over ``partners``)."""
-    own = per_task(run["run_id"])[["task_id", metric]].dropna()
-    base = pd.concat([per_task(rid)[["task_id", metric]] for rid in partners["run_id"]])
-    base = base.dropna().groupby("task_id", as_index=False)[metric].mean()
-    joined = own.merge(base, on="task_id", suffixes=("", "_baseline"))
-    return (joined[metric] - joined[f"{metric}_baseline"]).to_numpy(dtype=np.float64)
+COMPARE_CI_METHODS = stats.PAIRED_METHODS
+"""``ci`` of :func:`compare_table`: the paired difference's interval over users."""
+
+
+def _per_task_rows(runs: pd.DataFrame, metric: str,
+                   per_task: Callable[[str], pd.DataFrame]) -> pd.DataFrame:
+    """The per-task values of ``runs`` in long form: ``split_hash, seed, data_checksum, task_id,
+    <metric>`` (one row per run and task)."""
+    frames = []
+    for _, run in runs.iterrows():
+        table = per_task(run["run_id"])
+        if metric not in table.columns or "task_id" not in table.columns:
+            raise CompareError(f"run {run['run_id']}'s {PER_TASK_FILE} has no {metric!r} column: "
+                               "no per-user values to pair")
+        rows = table[["task_id", metric]].copy()
+        rows["split_hash"], rows["seed"] = run["split_hash"], run["seed"]
+        rows["data_checksum"] = run.get(CHECKSUM_COLUMN, pd.NA)
+        frames.append(rows)
+    columns = ["split_hash", "seed", "data_checksum", "task_id", metric]
+    if not frames:
+        return pd.DataFrame(columns=columns)
+    out = pd.concat(frames, ignore_index=True)[columns]
+    out["data_checksum"] = out["data_checksum"].astype(object).where(out["data_checksum"].notna(), "")
+    return out
 
 
 def compare_table(runs: pd.DataFrame, metric: str, group_by: Sequence[str] = ("algo",),
                   baseline: str | None = None,
                   per_task: Callable[[str], pd.DataFrame] | None = None,
-                  cache_dir: str | Path | None = None) -> pd.DataFrame:
-    """One row per group, sorted best first by ``metric`` (lower first for rmse/mae).
+                  cache_dir: str | Path | None = None, ci: str = "t", n_boot: int = 1000,
+                  level: float = stats.LEVEL) -> pd.DataFrame:
+    """One row per group, sorted best first by ``metric`` (its declared direction,
+    :mod:`metarec_runner.evaluate.metric_specs`).
 
-    Columns: the group keys, ``n_runs``, ``n_seeds``, ``mean`` (the mean of the runs' test
-    means), ``ci95`` (half-width; over runs, ``1.96 * sd / sqrt(n_runs)``, when there are >= 2
-    runs, else the single run's own ``test/<metric>_ci95`` over test tasks), ``ci_over``
-    (``"runs"`` or ``"tasks"``). With ``baseline`` (an ``algo``): ``diff`` (mean of the pooled
-    per-task differences ``group - baseline``), ``diff_ci95`` (normal, over the pooled pairs),
-    ``n_paired`` (pooled (run, task) pairs), ``unpaired_runs`` (runs whose ``split_hash`` no
-    baseline run shares; they add no pairs) and ``paired`` (``"yes"``, ``"partly"``, ``"no"``,
-    ``"baseline"``).
+    Columns: the group keys; ``n_runs``; ``n_seeds`` (distinct ``(split_hash, seed)``: runs
+    sharing both count once); ``mean`` (the mean over distinct seeds of the runs' test means);
+    ``ci95`` (half-width of the Student's t-interval over the ``n_seeds`` seed means, n - 1
+    degrees of freedom; NaN with one distinct seed: no interval); ``ci_over`` (``"seeds"`` or
+    ``"one seed"``). With ``baseline`` (an ``algo``): ``diff`` (mean over distinct users of the
+    per-user difference ``group - baseline``, each side first averaged over its seeds),
+    ``diff_ci95``, ``diff_ci_lo``, ``diff_ci_hi`` (its interval over users: t, or a percentile
+    bootstrap with ``ci="bootstrap"``), ``n_users`` (distinct users paired), ``n_seeds_paired``
+    (distinct seeds of the group that entered the pairs), ``unpaired_runs`` (runs whose
+    ``split_hash`` no baseline run shares; they add nothing) and ``paired`` (``"yes"``,
+    ``"partly"``, ``"no"``, ``"baseline"``).
 
     Args:
         runs: :func:`collect_runs` output.
@@ -290,17 +315,26 @@ def compare_table(runs: pd.DataFrame, metric: str, group_by: Sequence[str] = ("a
         baseline: the ``algo`` to pair against.
         per_task: ``run_id -> per_task DataFrame`` (default: download, cached in ``cache_dir``
             or a temporary folder).
+        ci: the paired difference's interval over users: ``"t"`` or ``"bootstrap"``.
+        n_boot: bootstrap resamples (``ci="bootstrap"``; generator seed 0).
+        level: the confidence level of every interval.
 
     Raises:
         CompareError: no runs, unknown metric, group key or baseline.
     """
     if runs.empty:
         raise CompareError("no runs to compare")
+    if ci not in COMPARE_CI_METHODS:
+        raise CompareError(f"ci must be one of {', '.join(COMPARE_CI_METHODS)}, got {ci!r}")
     metric = _metric_name(metric)
     col = f"test/{metric}"
     if col not in runs.columns or runs[col].isna().all():
         raise CompareError(f"no run has metric {metric!r}; available: "
                            f"{', '.join(available_metrics(runs)) or 'none'}")
+    try:
+        lower = lower_is_better(metric)
+    except UnknownMetric as err:
+        raise CompareError(f"no declared direction for {metric!r}: {err}") from None
     keys = [resolve_column(runs, k) for k in group_by]
     runs = runs[runs[col].notna()]
     base_runs = None
@@ -315,47 +349,50 @@ def compare_table(runs: pd.DataFrame, metric: str, group_by: Sequence[str] = ("a
     for group_values, group in runs.groupby(keys, dropna=False, sort=True):
         values = group_values if isinstance(group_values, tuple) else (group_values,)
         row: dict[str, object] = {k: v for k, v in zip(group_by, values)}
-        means = group[col].to_numpy(dtype=np.float64)
+        over_seeds = stats.seed_interval(group, col, SEED_KEYS, level)
         row["n_runs"] = len(group)
-        row["n_seeds"] = int(group["seed"].nunique()) if "seed" in group else pd.NA
-        row["mean"] = float(means.mean())
-        if len(means) >= 2:
-            row["ci95"], row["ci_over"] = float(Z_95 * means.std(ddof=1) / math.sqrt(len(means))), "runs"
-        else:
-            own = group.get(f"{col}_ci95")
-            row["ci95"] = float(own.iloc[0]) if own is not None else float("nan")
-            row["ci_over"] = "tasks"
+        row["n_seeds"] = over_seeds.n
+        row["mean"] = over_seeds.mean
+        row["ci95"] = over_seeds.half
+        row["ci_over"] = "seeds" if over_seeds.n >= 2 else "one seed"
         if base_runs is not None:
-            row.update(_baseline_columns(group, base_runs, metric, baseline, per_task))
+            row.update(_baseline_columns(group, base_runs, metric, baseline, per_task, ci, n_boot,
+                                         level))
         rows.append(row)
     table = pd.DataFrame(rows)
-    table = table.sort_values("mean", ascending=lower_is_better(metric), kind="stable",
-                              ignore_index=True)
+    table = table.sort_values("mean", ascending=lower, kind="stable", ignore_index=True)
     table.attrs.update(metric=metric, baseline=baseline, group_by=tuple(group_by),
-                       lower_is_better=lower_is_better(metric))
+                       lower_is_better=lower, ci=ci, level=level)
     return table
 
 
 def _baseline_columns(group: pd.DataFrame, base_runs: pd.DataFrame, metric: str, baseline: str,
-                      per_task: Callable[[str], pd.DataFrame]) -> dict[str, object]:
+                      per_task: Callable[[str], pd.DataFrame], ci: str, n_boot: int,
+                      level: float) -> dict[str, object]:
+    """The paired-difference columns of one group (see :func:`compare_table`)."""
+    nan = float("nan")
     if (group["algo"] == baseline).all():
-        return {"diff": float("nan"), "diff_ci95": float("nan"), "n_paired": 0,
-                "unpaired_runs": 0, "paired": "baseline"}
-    diffs, unpaired = [], 0
-    for _, run in group[group["algo"] != baseline].iterrows():  # baseline runs are the reference
-        same_split = base_runs[(base_runs["split_hash"] == run["split_hash"])
-                               & (base_runs["run_id"] != run["run_id"])]
-        if same_split.empty or pd.isna(run["split_hash"]):
-            unpaired += 1
-            continue
-        same_seed = same_split[same_split["seed"] == run["seed"]] if pd.notna(run["seed"]) else same_split[:0]
-        diffs.append(_paired_differences(run, same_seed if not same_seed.empty else same_split,
-                                         metric, per_task))
-    pooled = np.concatenate(diffs) if diffs else np.empty(0)
-    mean, half, n = mean_ci(pooled)
-    paired = "no" if not diffs else ("partly" if unpaired else "yes")
-    return {"diff": mean, "diff_ci95": half, "n_paired": n, "unpaired_runs": unpaired,
-            "paired": paired}
+        return {"diff": nan, "diff_ci95": nan, "diff_ci_lo": nan, "diff_ci_hi": nan,
+                "n_users": 0, "n_seeds_paired": 0, "unpaired_runs": 0, "paired": "baseline"}
+    own = group[group["algo"] != baseline]  # baseline runs of a mixed group are the reference
+    shared = own["split_hash"].notna() & own["split_hash"].isin(set(base_runs["split_hash"].dropna()))
+    paired_runs, unpaired = own[shared], int((~shared).sum())
+    partners = base_runs[base_runs["split_hash"].isin(set(paired_runs["split_hash"]))]
+    if paired_runs.empty:
+        return {"diff": nan, "diff_ci95": nan, "diff_ci_lo": nan, "diff_ci_hi": nan,
+                "n_users": 0, "n_seeds_paired": 0, "unpaired_runs": unpaired, "paired": "no"}
+    own_rows = _per_task_rows(paired_runs, metric, per_task)
+    base_rows = _per_task_rows(partners, metric, per_task)
+    # one checksum per split (the same test tasks): a run lacking the tag still pairs within it
+    both = pd.concat([own_rows, base_rows])
+    checksum = both[both["data_checksum"] != ""].groupby("split_hash")["data_checksum"].first()
+    for rows in (own_rows, base_rows):
+        rows["data_checksum"] = rows["split_hash"].map(checksum).astype(object).fillna("")
+    d = stats.paired_difference(own_rows, base_rows, metric, user=("data_checksum", "task_id"),
+                                ci=ci, n_boot=n_boot, level=level)
+    return {"diff": d.mean, "diff_ci95": d.half, "diff_ci_lo": d.lo, "diff_ci_hi": d.hi,
+            "n_users": d.n_users, "n_seeds_paired": d.n_seeds, "unpaired_runs": unpaired,
+            "paired": "partly" if unpaired else "yes"}
 
 
 def _default_uri() -> str:

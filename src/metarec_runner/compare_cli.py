@@ -1,5 +1,7 @@
-"""``metarec compare``: a table of finished runs grouped by algorithm (or any tag/param), with a
-paired difference to a baseline on identical test tasks.
+"""``metarec compare``: a table of finished runs grouped by algorithm (or any tag/param): the mean
+with a Student's t-interval over distinct seeds, and a paired difference to a baseline on
+identical test tasks with an interval over distinct test users
+(:mod:`metarec_runner.evaluate.stats` says what each interval is).
 
 Only stdlib and typer are imported at module level (``metarec --help`` stays fast); pandas,
 mlflow and rich are imported inside the command.
@@ -41,12 +43,17 @@ def compare(
                            "(default: with --sweep the keys the sweep varied, seeds aggregated; "
                            "else algo)."),
     format: str = typer.Option("table", help="table|csv"),
+    ci: str = typer.Option("t", help="The paired difference's interval over users: t (Student's, "
+                           "n_users-1 df) | bootstrap (percentile, seeded). Over seeds: always t."),
     tracking_uri: str = typer.Option(None, help="Store to read (default: the one `train` writes to)."),
 ) -> None:
-    """Compare finished runs: mean test metric per algo with a 95% CI over seeds, and the paired
-    difference to --baseline over the same test users (same split_hash)."""
+    """Compare finished runs: mean test metric per algo with a 95% Student's t-interval over
+    distinct seeds (none with one seed), and the paired difference to --baseline over the same
+    test users (same split_hash; each user averaged over seeds, the interval over users)."""
     if format not in ("table", "csv"):
         _fail(f"--format must be table or csv, got {format!r}")
+    if ci not in ("t", "bootstrap"):
+        _fail(f"--ci must be t or bootstrap, got {ci!r}")
     group_by = [k.strip() for k in by.split(",") if k.strip()] if by is not None else []
     if by is not None and not group_by:
         _fail("--by needs at least one tag or param, e.g. --by algo")
@@ -67,13 +74,25 @@ def compare(
         if runs["dataset"].nunique() > 1 and "dataset" not in group_by:
             group_by = ["dataset", *group_by]
             note = "; ".join(filter(None, [note, "runs span several datasets: grouped by dataset too"]))
-        table = compare_table(runs, metric, group_by=group_by, baseline=baseline)
+        table = compare_table(runs, metric, group_by=group_by, baseline=baseline, ci=ci)
     except CompareError as err:
         _fail(str(err))
     if format == "csv":
         table.to_csv(sys.stdout, index=False)
+        if (table["n_seeds"] < 2).any():  # stdout stays a clean CSV
+            typer.echo(one_seed_note(table), err=True)
         return
     _print_table(table, runs, note)
+
+
+def one_seed_note(table) -> str:
+    """Why some (or all) rows have no interval over seeds."""
+    from metarec_runner.evaluate.stats import NO_INTERVAL_ONE_SEED
+
+    single = int((table["n_seeds"] < 2).sum())
+    if single == len(table):
+        return NO_INTERVAL_ONE_SEED
+    return f"{single} of {len(table)} groups have {NO_INTERVAL_ONE_SEED}"
 
 
 def _print_table(table, runs, note: str | None) -> None:
@@ -96,28 +115,39 @@ def _print_table(table, runs, note: str | None) -> None:
     if baseline is not None:
         out.add_column(f"Δ vs {baseline}", justify="right")
         out.add_column("±95% CI", justify="right")
-        out.add_column("paired tasks", justify="right")
+        out.add_column("paired over", justify="right")
     for _, row in table.iterrows():
         cells = [str(row[k]) for k in group_by]
-        cells += [str(row["n_runs"]), str(row["n_seeds"]), _fmt(row["mean"]), _fmt(row["ci95"]),
-                  str(row["ci_over"])]
+        n_seeds = int(row["n_seeds"])
+        over = f"seeds, t({n_seeds - 1} df)" if n_seeds >= 2 else "none: 1 seed"
+        cells += [str(row["n_runs"]), str(n_seeds), _fmt(row["mean"]),
+                  _fmt(row["ci95"]) if n_seeds >= 2 else "", over]
         if baseline is not None:
             if row["paired"] == "baseline":
                 cells += ["(baseline)", "", ""]
             elif row["paired"] == "no":
                 cells += ["not paired", "", f"0 ({row['unpaired_runs']} runs: other split)"]
             else:
-                paired = str(row["n_paired"])
+                seeds = int(row["n_seeds_paired"])
+                paired = f"{row['n_users']} users ({seeds} seed{'s' if seeds != 1 else ''} averaged)"
                 if row["unpaired_runs"]:
-                    paired += f" ({row['unpaired_runs']} runs not paired: other split)"
+                    paired += f", {row['unpaired_runs']} runs not paired: other split"
                 cells += [f"{row['diff']:+.4f}", _fmt(row["diff_ci95"]), paired]
         out.add_row(*cells)
     console = Console(soft_wrap=True)
     if not console.is_terminal:  # piped: do not squeeze the table into 80 columns
         console = Console(soft_wrap=True, width=200)
     console.print(out)
+    notes = [("±95% CI over seeds: Student's t with n_seeds - 1 df over the distinct seeds' test "
+              "means (a seed run twice counts once).")]
     if baseline is not None:
-        console.print(f"Δ = group - {baseline} per test user on the same split (same seed where "
-                      "possible), pooled over seeds; CI normal over those pairs.", highlight=False)
+        law = ("a percentile bootstrap" if table.attrs.get("ci") == "bootstrap"
+               else "Student's t with n_users - 1 df")
+        notes.append(f"Δ = group - {baseline} per test user on the same split: each user averaged "
+                     f"over the seeds on each side, then {law} over the distinct users.")
+    if (table["n_seeds"] < 2).any():
+        notes.append(one_seed_note(table))
     if note:
-        console.print(note, highlight=False)
+        notes.append(note)
+    for line in notes:
+        console.print(line, highlight=False)

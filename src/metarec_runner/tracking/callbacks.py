@@ -123,7 +123,10 @@ def log_sweep_comparison(tracking_uri: str, parent_run_id: str, out_dir: str | P
     """Compare a sweep's finished children and log ``sweep_comparison.{png,csv}`` to the parent.
 
     Children are grouped by the keys the sweep varied (``algo``, ``algo.inner_lr``...; ``algo``
-    when none), seeds aggregated: mean and 95% CI over runs (over test tasks for a single run).
+    when none), seeds aggregated (:func:`metarec_runner.compare.compare_table`): the mean over
+    distinct seeds and its 95% Student's t-interval over them (n_seeds - 1 degrees of freedom,
+    :mod:`metarec_runner.evaluate.stats`); a group with one distinct seed has no interval (NaN
+    ``ci95``, a bare point in the plot), never one over test tasks passed off as one over seeds.
     ``metric`` falls back to ``rmse`` when the children lack it.
 
     Returns:

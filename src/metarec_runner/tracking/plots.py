@@ -170,41 +170,83 @@ def _plot_long(frame: pd.DataFrame, path: str | Path, x: str, title: str, xlabel
     return _save(fig, path)
 
 
+def _range_of(metric: str) -> tuple[float | None, float | None]:
+    """A metric's declared range ``(lower, upper)`` (``(None, None)`` when it is not declared)."""
+    from metarec_runner.evaluate.metric_specs import UnknownMetric, spec_of
+
+    try:
+        spec = spec_of(metric)
+    except UnknownMetric:
+        return None, None
+    return spec.lower_bound, spec.upper_bound
+
+
+def comparison_bars(table: pd.DataFrame, metric: str) -> tuple[Any, Any, Any]:
+    """``(mean, lo, hi)`` arrays of the comparison plot: ``mean ± ci95`` clipped to ``metric``'s
+    declared range (:func:`metarec_runner.evaluate.stats.clip_to_range`); NaN bounds where a
+    group has no interval."""
+    from metarec_runner.evaluate.stats import clip_to_range
+
+    mean = table["mean"].to_numpy(dtype=float)
+    half = table["ci95"].to_numpy(dtype=float)
+    lo, hi = clip_to_range(mean - half, mean + half, *_range_of(metric))
+    return mean, lo, hi
+
+
 def plot_comparison(table: pd.DataFrame, path: str | Path, metric: str,
                     label_columns: Sequence[str] | None = None,
                     lower_is_better: bool | None = None) -> Path:
     """Group means with 95% CIs as a point plot, best at the top (e.g. one row per algorithm).
 
+    The bars are the table's intervals (``mean ± ci95``; for
+    :func:`metarec_runner.compare.compare_table` the Student's t-interval over distinct seeds,
+    :mod:`metarec_runner.evaluate.stats`), clipped to the metric's declared range
+    (``MetricSpec.lower_bound``/``upper_bound``: an RMSE bar never dips below 0). A group without
+    an interval (one distinct seed, NaN ``ci95``) gets a bare point and says so in its label.
+
     Args:
-        table: one row per group with ``mean`` and ``ci95`` (and ``n_runs``), e.g.
+        table: one row per group with ``mean`` and ``ci95`` (and ``n_runs``, ``n_seeds``), e.g.
             :func:`metarec_runner.compare.compare_table` output.
         path: the PNG to write.
-        metric: the metric's name (axis label).
+        metric: the metric's name (axis label, and its range for clipping).
         label_columns: the columns naming a group (default: the table's ``group_by`` attribute,
             else every column before ``n_runs``).
         lower_is_better: for the title; default from the table's attributes.
     """
+    import numpy as np
+
     if table.empty or not {"mean", "ci95"} <= set(table.columns):
         raise ValueError("the comparison plot needs rows with 'mean' and 'ci95'")
     keys = list(label_columns or table.attrs.get("group_by") or ())
     if not keys:
         cols = list(table.columns)
         keys = cols[:cols.index("n_runs")] if "n_runs" in cols else cols[:1]
+    mean, lo, hi = comparison_bars(table, metric)
+    has = ~np.isnan(lo)
     labels = []
-    for _, row in table.iterrows():
+    for (_, row), with_ci in zip(table.iterrows(), has):
         text = ", ".join(str(row[k]) if len(keys) == 1 else f"{k}={row[k]}" for k in keys)
-        if "n_runs" in table.columns:
-            text += f"  (n={int(row['n_runs'])})"
+        notes = []
+        if "n_seeds" in table.columns:
+            notes.append(f"{int(row['n_seeds'])} seed{'s' if int(row['n_seeds']) != 1 else ''}")
+        elif "n_runs" in table.columns:
+            notes.append(f"n={int(row['n_runs'])}")
+        if not with_ci:
+            notes.append("no CI")
+        text += f"  ({': '.join(notes)})"
         labels.append(text if len(text) <= 60 else text[:57] + "...")
-    y = list(range(len(labels)))[::-1]  # first row (the best) at the top
+    y = np.arange(len(labels))[::-1]  # first row (the best) at the top
     fig, axes = _figure(1, width=7.5, height=max(2.5, 0.45 * len(labels) + 1.2))
     ax = axes[0]
-    ci = table["ci95"].fillna(0.0).to_numpy(dtype=float)
-    ax.errorbar(table["mean"].to_numpy(dtype=float), y, xerr=ci, fmt="o", capsize=4)
-    ax.set_yticks(y, labels, fontsize=8)
+    ax.plot(mean[~has], y[~has], "o", color="C0")
+    if has.any():
+        err = np.vstack([mean[has] - lo[has], hi[has] - mean[has]])
+        ax.errorbar(mean[has], y[has], xerr=err, fmt="o", color="C0", capsize=4)
+    ax.set_yticks(list(y), labels, fontsize=8)
     lower = table.attrs.get("lower_is_better") if lower_is_better is None else lower_is_better
     direction = "" if lower is None else (" (lower is better)" if lower else " (higher is better)")
-    ax.set_xlabel(f"test {metric}, mean ± 95% CI{direction}")
+    over = " over seeds (Student's t)" if "n_seeds" in table.columns else ""
+    ax.set_xlabel(f"test {metric}, mean ± 95% CI{over}{direction}")
     ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
 
