@@ -1,28 +1,172 @@
 """The Hydra entry point of ``metarec train``, light to import.
 
-Importing this module loads Hydra and OmegaConf only. The job itself
-(:func:`metarec_runner.run.train_task`: torch, MLflow, the data and model code) is imported on
-the first job, in the process that runs it: a sweep process whose launcher runs the jobs
-elsewhere (joblib workers, Ray, SLURM) composes configs and opens the MLflow parent run without
-spending seconds on imports it never uses.
+Importing this module loads Hydra and OmegaConf only. Every job first checks its whole config
+(:func:`metarec_runner.config.rules.check_config`: types, ranges, cross-key rules) and only
+then imports the job itself (:func:`metarec_runner.run.train_task`: torch, MLflow, the data and
+model code), in the process that runs it. So a bad value is reported in a fraction of a second,
+and a sweep process whose launcher runs the jobs elsewhere (joblib workers, Ray, SLURM) composes
+configs and opens the MLflow parent run without spending seconds on imports it never uses.
+
+Hydra's own composition errors (an unknown key, an unknown option of a group, an override it
+cannot parse) are reported the same way: one ``metarec: error: <key>: ...`` line, exit code 2
+(``HYDRA_FULL_ERROR=1`` still shows Hydra's full report).
 """
 
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig
+import difflib
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
 
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from hydra.types import RunMode
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from metarec_runner.config.rules import check_config
+from metarec_runner.errors import MetarecError
 from metarec_runner.paths import conf_dir
 
 
+class JobFailed(RuntimeError):
+    """A sweep job stopped on a MetarecError (already printed); Hydra records the job FAILED and
+    runs the sweep's other jobs."""
+
+
+def fail(err: MetarecError | str, code: int) -> NoReturn:
+    """Print the one-line error; exit a single run, or fail just this job of a sweep."""
+    print(f"metarec: error: {err}", file=sys.stderr)
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise JobFailed(str(err)) from None
+    sys.exit(code)
+
+
 def train_job(cfg: DictConfig) -> float:
-    """One ``metarec train`` job: :func:`metarec_runner.run.train_task` (returns the best value
-    of ``trainer.monitor``, for sweepers)."""
+    """One ``metarec train`` job: the config check, then :func:`metarec_runner.run.train_task`
+    (returns the best value of ``trainer.monitor``, for sweepers)."""
+    hc = HydraConfig.get()
+    try:
+        check_config(cfg, hc.overrides.task)
+    except MetarecError as err:
+        # nothing was built or tracked: remove the run folder Hydra created (no half-written run)
+        shutil.rmtree(hc.runtime.output_dir, ignore_errors=True)
+        fail(err, 2)
     from metarec_runner.run import train_task
 
     return train_task(cfg)
 
 
+# -- Hydra's composition errors as one line --------------------------------------------------
+
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in str(text).splitlines() if line.strip()]
+
+
+def hydra_error_line(ex: BaseException) -> str:
+    """One line naming the key for one of Hydra's composition errors."""
+    cause = ex.__cause__
+    if isinstance(ex, MissingConfigException) and ex.missing_cfg_file:
+        group, _, option = str(ex.missing_cfg_file).rpartition("/")
+        key = group.replace("/", ".") if group else option
+        options = list(ex.options or [])
+        if options:
+            return (f"{key}: no option {option!r}; Available options in {group!r}: "
+                    f"{', '.join(options)}")
+        return f"{key}: " + " ".join(_lines(str(ex)))
+    if isinstance(ex, OverrideParseException):
+        key = str(ex.override).split("=", 1)[0].lstrip("+~") or "override"
+        detail = " ".join(_lines(ex.message))
+        return (f"{key}: cannot parse the override {ex.override!r} ({detail}); quote values with "
+                "brackets or special characters, e.g. 'evaluator.ks=[5,10]'")
+    full_key = getattr(cause, "full_key", None)
+    text = _lines(str(ex))
+    if full_key and "not in struct" in str(cause):
+        return _unknown_key_line(str(full_key), getattr(cause, "parent_node", None))
+    appended = re.search(r"An item is already at '([^']+)'", str(ex))
+    if appended:
+        key = appended[1]
+        return (f"{key}: already in the config, so it cannot be added with +; set it with "
+                f"{key}=... (or ++{key}=... to add or set)")
+    if full_key:
+        return f"{full_key}: " + " ".join(text + _lines(str(cause)))
+    return " ".join(text + (_lines(str(cause)) if cause is not None else []))
+
+
+def _unknown_key_line(full_key: str, parent: object) -> str:
+    """``algo.inner_lrr: no such key ... (did you mean algo.inner_lr?); keys of algo: ...``."""
+    group, _, name = full_key.rpartition(".")
+    known = [str(k) for k in parent if not str(k).startswith("_")] if parent else []
+    line = f"{full_key}: no such key in this config"
+    close = difflib.get_close_matches(name, known, n=1)
+    if close:
+        line += f" (did you mean {group + '.' if group else ''}{close[0]}?)"
+    if known:
+        line += f"; keys of {group or 'the top level'}: {', '.join(known)}"
+    return line + f"; add a new key with +{full_key}=..."
+
+
+def hydra_setting_line(ex: BaseException, key: str) -> str:
+    """One line for a Hydra setting that cannot be resolved, blaming the override whose value
+    holds an interpolation when there is one (``seed=${nope}`` breaks ``hydra.run.dir``)."""
+    detail = (_lines(str(ex)) or [type(ex).__name__])[0]
+    for override in reversed(sys.argv[1:]):
+        name, eq, value = override.partition("=")
+        if eq and "${" in value:
+            name = name.lstrip("+~")
+            return (f"{name}: cannot be resolved: {detail} (while computing {key}); fix the "
+                    f"value of {name}")
+    return f"{key}: cannot be resolved: {detail}"
+
+
+_COMPOSITION_ERRORS = (ConfigCompositionException, OverrideParseException)
+
+
+def _one_line_composition_errors(report: Callable[[Callable[[], Any]], Any]):
+    """Wrap Hydra's ``run_and_report`` so its composition errors become one line (exit 2), and
+    a sweep whose jobs failed on a MetarecError (each already printed its line) exits 1 without
+    a traceback; everything else (a bug in a job) is reported by Hydra as before."""
+
+    def run_and_report(func: Callable[[], Any]) -> Any:
+        def guarded() -> Any:
+            try:
+                return func()
+            except _COMPOSITION_ERRORS as ex:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                print(f"metarec: error: {hydra_error_line(ex)}", file=sys.stderr)
+                sys.exit(2)
+            except OmegaConfBaseException as ex:
+                # Hydra resolving its own settings (hydra.run.dir...) before any job runs
+                key = str(getattr(ex, "full_key", "") or "")
+                if not key.startswith("hydra.") or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                print(f"metarec: error: {hydra_setting_line(ex, key)}", file=sys.stderr)
+                sys.exit(2)
+            except RuntimeError as ex:
+                # JobFailed: the job's one line is already on stderr
+                if type(ex).__name__ != "JobFailed" or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                sys.exit(1)
+
+        return report(guarded)
+
+    return run_and_report
+
+
 def main() -> None:
     """Entry point for ``metarec train`` (reads overrides from ``sys.argv``)."""
-    hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")(train_job)()
+    from hydra._internal import utils as hydra_utils  # _run_hydra looks run_and_report up here
+
+    original = hydra_utils.run_and_report
+    hydra_utils.run_and_report = _one_line_composition_errors(original)
+    try:
+        app = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
+        app(train_job)()
+    finally:
+        hydra_utils.run_and_report = original

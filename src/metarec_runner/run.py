@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -20,10 +19,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
+from metarec_runner.config.rules import check_config
+from metarec_runner.entry import fail
 from metarec_runner.errors import ConfigError, MetarecError
 from metarec_runner.evaluate.candidates import Catalog
 from metarec_runner.evaluate.metric_specs import needs_ratings
-from metarec_runner.paths import group_options
 from metarec_runner.runner import Runner
 from metarec_runner.tracking import flatten_config
 from metarec_runner.tracking.plots import log_run_plots
@@ -57,14 +57,10 @@ def build(group: str, node: DictConfig, **kwargs):
 
 
 def validate(cfg: DictConfig) -> None:
-    """Checks that need the whole config; raises ConfigError."""
-    if "algo" not in cfg or cfg.algo is None:
-        raise ConfigError(
-            "algo", f"no algorithm chosen; add +algo=<name> with one of: {', '.join(group_options('algo'))}"
-        )
-    for key in ("seed", "split_seed"):
-        if not isinstance(cfg[key], int) or cfg[key] < 0:
-            raise ConfigError(key, f"must be a non-negative integer, got {cfg[key]!r}")
+    """Every config value and cross-key rule (:func:`metarec_runner.config.rules.check_config`,
+    which ``metarec train`` already ran before importing this module); raises ConfigError."""
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else ()
+    check_config(cfg, overrides)
 
 
 class Prepared:
@@ -96,7 +92,7 @@ class Prepared:
         model = build("model", cfg.model, schema=self.data.schema, rating_mean=mean)
         self.model = model.to(device=self.device, dtype=self.dtype)
         self.algo = build("algo", cfg.algo, model=self.model)
-        fits_once = getattr(self.algo, "fits_once", False)
+        fits_once = self.algo.fits_once
         if (not fits_once and not getattr(self.algo, "predicts_ratings", True)
                 and needs_ratings(self.trainer.monitor)):
             ranking = [m for m in known if not needs_ratings(m)]
@@ -147,20 +143,7 @@ def _print_results(console: Console, summary: dict[str, float], metric_names: li
     console.print(table)
 
 
-class JobFailed(RuntimeError):
-    """A sweep job stopped on a MetarecError (already printed); Hydra records the job FAILED and
-    runs the sweep's other jobs."""
-
-
-def _fail(err: MetarecError, code: int) -> None:
-    """Print the one-line error; exit a single run, or fail just this job of a sweep."""
-    print(f"metarec: error: {err}", file=sys.stderr)
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        raise JobFailed(str(err)) from None
-    sys.exit(code)
-
-
-def _start_tracking(prep: "Prepared", cfg: DictConfig, hc) -> None:
+def _start_tracking(prep: Prepared, cfg: DictConfig, hc) -> None:
     """Open the run (a sweep's child when in a multirun) and log the params, once."""
     parent = None
     if hc.mode == RunMode.MULTIRUN:
@@ -203,14 +186,14 @@ def train_task(cfg: DictConfig) -> float:
     except MetarecError as err:
         # nothing was tracked: remove the run folder Hydra created, so no half-written run remains
         shutil.rmtree(out_dir, ignore_errors=True)
-        _fail(err, 2)
+        fail(err, 2)
     try:
         _start_tracking(prep, cfg, hc)
     except MetarecError as err:
         if prep.tracker.run_id:  # created, then failed while logging params
             prep.tracker.finish("FAILED")
         shutil.rmtree(out_dir, ignore_errors=True)
-        _fail(err, 2)
+        fail(err, 2)
     console = Console(soft_wrap=True)
     splits = prep.splits
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -253,7 +236,7 @@ def train_task(cfg: DictConfig) -> float:
     except MetarecError as err:
         prep.tracker.set_tags({"error": str(err)[:5000]})
         prep.tracker.finish("FAILED")
-        _fail(err, 1)
+        fail(err, 1)
     except BaseException:
         prep.tracker.finish("FAILED")
         raise
