@@ -91,6 +91,8 @@ class Prepared:
         mean = float(self.splits.train.support_y.mean())
         model = build("model", cfg.model, schema=self.data.schema, rating_mean=mean)
         self.model = model.to(device=self.device, dtype=self.dtype)
+        # the feature-row layout, for algorithms that read raw fields (group_popularity)
+        self.model.schema = self.data.schema
         self.algo = build("algo", cfg.algo, model=self.model)
         fits_once = self.algo.fits_once
         if (not fits_once and not getattr(self.algo, "predicts_ratings", True)
