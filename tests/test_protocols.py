@@ -225,9 +225,15 @@ def test_unknown_protocol_is_a_one_line_config_error():
 
 def test_few_shot_and_adaptation_curves_evaluate_every_point():
     ev = Evaluator(protocol="all_unseen", ks=(5,), metrics=["ndcg"], references=False).bind(CATALOG)
-    frame, summary = few_shot_curve(ev, _ByItem(), _tasks(), torch.device("cpu"), (1, 2))
-    assert frame.shots.tolist() == [1, 2] and set(frame.metric) == {"ndcg_at_5"}
-    assert "test_k1/ndcg_at_5" in summary and "test_k2/ndcg_at_5_ci95" in summary
+    shots = few_shot_curve(ev, _ByItem(), _tasks(), torch.device("cpu"), (0, 1, 2, 3))
+    # both users have 2 support items: k = 3 leaves them out, and says so
+    assert shots.curve.shots.tolist() == [0, 1, 2] and set(shots.curve.metric) == {"ndcg_at_5"}
+    assert shots.dropped == {0: 0, 1: 0, 2: 0, 3: 2} and shots.summary["test_k3/n_dropped"] == 2
+    assert "test_k3/ndcg_at_5" not in shots.summary
+    assert "test_k1/ndcg_at_5" in shots.summary and "test_k2/ndcg_at_5_ci95" in shots.summary
+    # one row per (k, user), with the support actually used: nested supports, paired per user
+    assert shots.per_task[["shots", "task_id", "n_support"]].values.tolist() == [
+        [0, 0, 0], [0, 1, 0], [1, 0, 1], [1, 1, 1], [2, 0, 2], [2, 1, 2]]
     algo = _ByItem()
     frame, summary = adaptation_curve(ev, algo, _tasks(), torch.device("cpu"), (0, 3))
     assert frame.steps.tolist() == [0, 3] and algo.eval_inner_steps == 1  # restored

@@ -164,18 +164,27 @@ def _start_tracking(prep: Prepared, cfg: DictConfig, hc) -> None:
         raise ConfigError("logger.tracking_uri", f"cannot start an MLflow run at {uri}: {first}") from None
 
 
-def _curves(prep: Prepared, test_tasks, out_dir: Path, step: int) -> list[str]:
+def _curves(prep: Prepared, test_tasks, out_dir: Path, step: int, console: Console) -> list[str]:
     """The few-shot and adaptation curves the evaluator asks for, logged and written as CSV."""
     from metarec_runner.evaluate.curves import adaptation_curve, few_shot_curve
 
     written = []
-    for name, wanted, make in (("few_shot.csv", prep.evaluator.shots, few_shot_curve),
-                               ("adaptation.csv", prep.evaluator.adaptation_steps, adaptation_curve)):
-        if wanted:
-            frame, summary = make(prep.evaluator, prep.algo, test_tasks, prep.device, wanted)
-            prep.tracker.log_metrics(summary, step=step)
-            frame.to_csv(out_dir / name, index=False)
-            written.append(name)
+    if prep.evaluator.shots:
+        shots = few_shot_curve(prep.evaluator, prep.algo, test_tasks, prep.device, prep.evaluator.shots)
+        prep.tracker.log_metrics(shots.summary, step=step)
+        shots.curve.to_csv(out_dir / "few_shot.csv", index=False)
+        shots.per_task.to_csv(out_dir / "few_shot_per_task.csv", index=False)
+        written += ["few_shot.csv", "few_shot_per_task.csv"]
+        for k, n in shots.dropped.items():
+            if n:
+                console.print(f"few-shot k={k}: {n} of {len(test_tasks)} test users have fewer than "
+                              f"{k} support items and are left out at k={k}", highlight=False)
+    if prep.evaluator.adaptation_steps:
+        frame, summary = adaptation_curve(prep.evaluator, prep.algo, test_tasks, prep.device,
+                                          prep.evaluator.adaptation_steps)
+        prep.tracker.log_metrics(summary, step=step)
+        frame.to_csv(out_dir / "adaptation.csv", index=False)
+        written.append("adaptation.csv")
     return written
 
 
@@ -210,7 +219,7 @@ def train_task(cfg: DictConfig) -> float:
         fit = runner.fit(splits.train, splits.val)
         test = runner.test(splits.test)
         prep.tracker.log_metrics(test.summary, step=fit.best_epoch)
-        extra_files = _curves(prep, splits.test, out_dir, fit.best_epoch)
+        extra_files = _curves(prep, splits.test, out_dir, fit.best_epoch, console)
         if cfg.save_split:  # the exact tasks, reloadable with splitter=saved splitter.path=...
             from metarec_runner.tasks.saved import save_splits
 

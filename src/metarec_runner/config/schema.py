@@ -59,7 +59,7 @@ SCHEMA: dict[str, Spec] = {
     "evaluator.references": Bool(),
     "evaluator.n_boot": Int(1, example=1000),
     "evaluator.seed": Int(0, example=0),
-    "evaluator.shots": Ints(1, example="[1,3,5]"),
+    "evaluator.shots": Ints(0, example="[0,1,3,5]"),
     "evaluator.adaptation_steps": Ints(0, example="[0,1,5]"),
     # splitter (conf/splitter/*.yaml)
     "splitter.ratios": Spec("ratios", example="[0.7,0.1,0.2]"),

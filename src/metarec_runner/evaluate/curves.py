@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
@@ -23,24 +24,55 @@ def _rows(summary: dict[str, float], split: str, names: list[str], key: str, val
     ]
 
 
+@dataclass
+class FewShot:
+    """The few-shot curve of one run.
+
+    Attributes:
+        curve: one row per (k, metric): ``shots, metric, mean, ci95, n_users, n_dropped``.
+        per_task: one row per (k, test user): ``shots, task_id, n_support, <metrics>...``, for
+            paired comparisons at each k (``metarec compare`` reads it).
+        summary: ``{test_k<k>/<metric>: value, test_k<k>/n_dropped: count}``.
+        dropped: ``{k: users left out because their support has fewer than k items}``.
+    """
+
+    curve: pd.DataFrame
+    per_task: pd.DataFrame
+    summary: dict[str, float]
+    dropped: dict[int, int] = field(default_factory=dict)
+
+
 def few_shot_curve(evaluator, algo, tasks: TaskSet, device: torch.device,
-                   shots: tuple[int, ...]) -> tuple[pd.DataFrame, dict[str, float]]:
+                   shots: tuple[int, ...]) -> FewShot:
     """Evaluate ``tasks`` with every support set cut to its first ``k`` items, for each k.
 
-    Support sets are stored in a seeded random order, so the first k items are a random k-subset;
-    tasks with fewer than k support items keep all of theirs (see ``n_support`` per task).
-
-    Returns:
-        ``(frame with columns shots, metric, mean, ci95; {test_k<k>/<metric>: value})``.
+    Support sets are stored in a seeded random order, so the first k items are a random k-subset
+    and the supports of one user are nested across k (k-curves are paired per user). ``k = 0``
+    is the zero-shot answer (an empty support: the meta-learned initialisation, popularity...).
+    A user with fewer than k support items is left out at that k, never silently kept with a
+    smaller support: the count is in ``n_dropped`` (and ``test_k<k>/n_dropped``).
     """
     rows: list[dict] = []
+    frames: list[pd.DataFrame] = []
     summary: dict[str, float] = {}
+    dropped: dict[int, int] = {}
     for k in shots:
         split = f"test_k{k}"
-        result = evaluator.evaluate(algo, tasks.with_support_size(k), split, device)
+        enough = tasks.support_sizes >= k
+        dropped[k] = int((~enough).sum())
+        summary[f"{split}/n_dropped"] = float(dropped[k])
+        if not bool(enough.any()):
+            continue
+        result = evaluator.evaluate(algo, tasks.subset(enough).with_support_size(k), split, device)
         summary.update(result.summary)
-        rows += _rows(result.summary, split, evaluator.metric_names, "shots", k)
-    return pd.DataFrame(rows, columns=["shots", *CURVE_COLUMNS]), summary
+        for row in _rows(result.summary, split, evaluator.metric_names, "shots", k):
+            rows.append({**row, "n_users": int(enough.sum()), "n_dropped": dropped[k]})
+        frames.append(result.per_task.assign(shots=k))
+    per_task = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if len(per_task):
+        per_task = per_task[["shots", *[c for c in per_task.columns if c != "shots"]]]
+    curve = pd.DataFrame(rows, columns=["shots", *CURVE_COLUMNS, "n_users", "n_dropped"])
+    return FewShot(curve, per_task, summary, dropped)
 
 
 @contextmanager

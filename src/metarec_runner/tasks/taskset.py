@@ -130,6 +130,25 @@ class TaskSet:
             return None
         return _pad_gather(self.query_expected, self.query_offsets, idx)[0]
 
+    def subset(self, keep: Tensor) -> TaskSet:
+        """The tasks where ``keep`` (``Bool[T]``) is True, in their order (CSR re-packed)."""
+        def rows(offsets: Tensor) -> tuple[Tensor, Tensor]:
+            sizes = (offsets[1:] - offsets[:-1])
+            segment = torch.repeat_interleave(torch.arange(len(self)), sizes)
+            new = torch.zeros(int(keep.sum()) + 1, dtype=offsets.dtype)
+            new[1:] = torch.cumsum(sizes[keep], 0)
+            return keep[segment], new
+
+        s_keep, s_off = rows(self.support_offsets)
+        q_keep, q_off = rows(self.query_offsets)
+        expected = None if self.query_expected is None else self.query_expected[q_keep]
+        return replace(
+            self, task_ids=self.task_ids[keep],
+            support_x=self.support_x[s_keep], support_y=self.support_y[s_keep], support_offsets=s_off,
+            query_x=self.query_x[q_keep], query_y=self.query_y[q_keep], query_offsets=q_off,
+            query_expected=expected,
+        )
+
     def with_support_size(self, k: int) -> TaskSet:
         """The same tasks with each support set cut to its first ``k`` rows (few-shot curve)."""
         sizes = self.support_sizes.clamp(max=k)
