@@ -77,6 +77,14 @@ class Prepared:
         self.splits = build("splitter", cfg.splitter)(self.data)
         seed_everything(cfg.seed)
         self.trainer = build("trainer", cfg.trainer)
+        self.val_tasks = self.splits.val  # what model selection sees (the split keeps its hash)
+        k = self.trainer.val_support_size
+        if k is not None:  # validate (select, tune) at k support items
+            val = self.splits.val
+            self.val_tasks = val.subset(val.support_sizes >= k).with_support_size(k)
+            if len(self.val_tasks) == 0:
+                raise ConfigError("trainer.val_support_size", f"no validation user has {k} support "
+                                  "items; lower trainer.val_support_size")
         self.evaluator = build("evaluator", cfg.evaluator)
         known = [f"val/{m}" for m in self.evaluator.metric_names]
         if self.trainer.monitor not in known:
@@ -86,8 +94,8 @@ class Prepared:
         train_mean = float((train.support_y.sum() + train.query_y.sum())
                            / max(train.support_y.numel() + train.query_y.numel(), 1))
         self.evaluator.bind(Catalog.from_interactions(self.data), rating_mean=train_mean)
-        for split in ("val", "test"):
-            self.evaluator.check_tasks(getattr(self.splits, split), split)
+        self.evaluator.check_tasks(self.val_tasks, "val")
+        self.evaluator.check_tasks(self.splits.test, "test")
         mean = float(self.splits.train.support_y.mean())
         model = build("model", cfg.model, schema=self.data.schema, rating_mean=mean)
         self.model = model.to(device=self.device, dtype=self.dtype)
@@ -216,7 +224,7 @@ def train_task(cfg: DictConfig) -> float:
         )
         runner = Runner(prep.algo, prep.evaluator, prep.tracker, prep.trainer, prep.device, cfg.seed,
                         console=Console(stderr=True))
-        fit = runner.fit(splits.train, splits.val)
+        fit = runner.fit(splits.train, prep.val_tasks)
         test = runner.test(splits.test)
         prep.tracker.log_metrics(test.summary, step=fit.best_epoch)
         extra_files = _curves(prep, splits.test, out_dir, fit.best_epoch, console)

@@ -24,7 +24,12 @@ from metarec_runner.tasks.taskset import TaskSet
 
 @dataclass
 class TrainerConfig:
-    """``conf/trainer/*.yaml``; see the comments there."""
+    """``conf/trainer/*.yaml``; see the comments there.
+
+    ``val_support_size``: validate (select the epoch, and report to a sweeper tuning the
+    algorithm) on every validation user's support cut to its first k items, e.g. 10 to tune
+    for k = 10 ratings; users with fewer are left out of validation. ``None`` = the whole support.
+    """
 
     max_epochs: int = 20
     meta_batch_size: int = 32
@@ -32,12 +37,15 @@ class TrainerConfig:
     monitor_mode: str | None = None
     patience: int = 5
     progress: bool = True
+    val_support_size: int | None = None
 
     def __post_init__(self) -> None:
         require_positive("trainer.max_epochs", self.max_epochs)
         require_positive("trainer.meta_batch_size", self.meta_batch_size)
         if self.patience < 0:
             raise ConfigError("trainer.patience", f"must be >= 0, got {self.patience}")
+        if self.val_support_size is not None and self.val_support_size < 0:
+            raise ConfigError("trainer.val_support_size", f"must be >= 0 or null, got {self.val_support_size}")
         if not self.monitor.startswith("val/"):
             raise ConfigError("trainer.monitor", f"must be a validation metric like val/rmse, got {self.monitor!r}")
         try:

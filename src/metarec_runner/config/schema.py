@@ -39,6 +39,7 @@ SCHEMA: dict[str, Spec] = {
     "threads": Int(1, nullable=True, example=4),
     # trainer (conf/trainer/default.yaml; trainer.monitor is checked by a rule)
     "trainer.max_epochs": Int(1, example=30),
+    "trainer.val_support_size": Int(0, nullable=True, example=10),
     "trainer.meta_batch_size": Int(1, example=32),
     "trainer.monitor": Text(example="val/rmse"),
     "trainer.monitor_mode": Choice("min", "max", nullable=True),
