@@ -225,9 +225,13 @@ def train_task(cfg: DictConfig) -> float:
         runner = Runner(prep.algo, prep.evaluator, prep.tracker, prep.trainer, prep.device, cfg.seed,
                         console=Console(stderr=True))
         fit = runner.fit(splits.train, prep.val_tasks)
-        test = runner.test(splits.test)
-        prep.tracker.log_metrics(test.summary, step=fit.best_epoch)
-        extra_files = _curves(prep, splits.test, out_dir, fit.best_epoch, console)
+        test = runner.test(splits.test) if cfg.evaluate_test else None
+        extra_files = []
+        if test is not None:
+            prep.tracker.log_metrics(test.summary, step=fit.best_epoch)
+            extra_files = _curves(prep, splits.test, out_dir, fit.best_epoch, console)
+        else:  # tuning: the test users are never scored
+            prep.tracker.set_tags({"test_users": "not scored (evaluate_test=false)"})
         if cfg.save_split:  # the exact tasks, reloadable with splitter=saved splitter.path=...
             from metarec_runner.tasks.saved import save_splits
 
@@ -236,18 +240,21 @@ def train_task(cfg: DictConfig) -> float:
         prep.tracker.log_metrics({"val/best_epoch": fit.best_epoch}, step=fit.best_epoch)
         (out_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
         (out_dir / "metrics.json").write_text(json.dumps(
-            {"best_epoch": fit.best_epoch, "best_" + prep.trainer.monitor: fit.best_value, **test.summary},
-            indent=2))
-        test.per_task.to_csv(out_dir / "per_task.csv", index=False)
-        test.by_support.to_csv(out_dir / "by_support_size.csv", index=False)
+            {"best_epoch": fit.best_epoch, "best_" + prep.trainer.monitor: fit.best_value,
+             **(test.summary if test is not None else {})}, indent=2))
         import pandas as pd
+        files = ["config_resolved.yaml", "metrics.json", "history.csv", *extra_files]
+        if test is not None:
+            test.per_task.to_csv(out_dir / "per_task.csv", index=False)
+            test.by_support.to_csv(out_dir / "by_support_size.csv", index=False)
+            files += ["per_task.csv", "by_support_size.csv"]
         pd.DataFrame(fit.history).to_csv(out_dir / "history.csv", index=False)
-        for name in ("config_resolved.yaml", "metrics.json", "per_task.csv", "by_support_size.csv",
-                     "history.csv", *extra_files):
+        for name in files:
             prep.tracker.log_artifact(out_dir / name)
         if (out_dir / ".hydra").is_dir():
             prep.tracker.log_artifacts(out_dir / ".hydra", artifact_path="hydra")
-        log_run_plots(prep.tracker, out_dir, pd.DataFrame(fit.history), test.by_support)  # never raises
+        log_run_plots(prep.tracker, out_dir, pd.DataFrame(fit.history),
+                      test.by_support if test is not None else None)  # never raises
         prep.tracker.finish("FINISHED")
     except KeyboardInterrupt:
         prep.tracker.finish("KILLED")
@@ -259,7 +266,8 @@ def train_task(cfg: DictConfig) -> float:
     except BaseException:
         prep.tracker.finish("FAILED")
         raise
-    _print_results(console, test.summary, [*prep.evaluator.metric_names, "floor_rmse"])
+    if test is not None:
+        _print_results(console, test.summary, [*prep.evaluator.metric_names, "floor_rmse"])
     console.print(f"best epoch {fit.best_epoch}: {prep.trainer.monitor}={fit.best_value:.4f}  "
                   f"outputs: {out_dir}", highlight=False)
     if prep.tracker.run_id:

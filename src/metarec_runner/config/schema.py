@@ -36,6 +36,7 @@ SCHEMA: dict[str, Spec] = {
     "device": Spec("device", example="cpu"),
     "dtype": Choice(*DTYPES),
     "save_split": Bool(),
+    "evaluate_test": Bool(),
     "threads": Int(1, nullable=True, example=4),
     # trainer (conf/trainer/default.yaml; trainer.monitor is checked by a rule)
     "trainer.max_epochs": Int(1, example=30),
