@@ -42,8 +42,8 @@ def test_help_is_fast_and_lists_commands(tmp_path):
 
 def test_the_train_entry_point_imports_no_job_code():
     """A sweep process whose launcher runs the jobs elsewhere never loads torch, MLflow or
-    pandas: `metarec train` enters through metarec_runner.entry, which imports the job lazily."""
-    code = ("import sys, metarec_runner.entry; "
+    pandas: `metarec train` enters through metarec_runner.cli.train, which imports the job lazily."""
+    code = ("import sys, metarec_runner.cli.train; "
             "print(sorted(m for m in ('torch', 'mlflow', 'pandas', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -15,8 +15,10 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from metarec_runner.compare import CompareError, compare_table, lower_is_better
+from metarec_runner.evaluate.metric_specs import lower_is_better
 from metarec_runner.evaluate.stats import NO_INTERVAL_ONE_SEED
+from metarec_runner.report.compare import compare_table
+from metarec_runner.report.store import CompareError
 
 METAREC = [sys.executable, "-m", "metarec_runner.cli"]
 TINY = ["dataset.n_users=120", "dataset.n_items=80", "trainer.max_epochs=2", "trainer.progress=false"]
@@ -134,7 +136,7 @@ def test_paired_users_are_qualified_by_the_data_checksum():
 
 
 def test_one_seed_table_prints_no_interval_and_says_why(capsys):
-    from metarec_runner.compare_cli import _print_table
+    from metarec_runner.cli.compare import _print_table
 
     runs = _hand_runs()
     runs = runs[runs["run_id"].isin(["a0", "b0", "base0"])]
@@ -160,7 +162,7 @@ def test_compare_table_errors_name_the_fix():
 def test_cli_import_stays_light():
     probe = subprocess.run(
         [sys.executable, "-c", ("import sys, metarec_runner.cli; print(*(m in sys.modules for m in "
-                                "('pandas', 'mlflow', 'torch', 'metarec_runner.compare')))")],
+                                "('pandas', 'mlflow', 'torch', 'metarec_runner.report.compare')))")],
         capture_output=True, text=True, check=False, timeout=60)
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.split() == ["False", "False", "False", "False"]
@@ -192,7 +194,7 @@ def _compare(out: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_collect_runs_and_group_by_algo(sweep_store):
-    from metarec_runner.compare import collect_runs
+    from metarec_runner.report.store import collect_runs
 
     runs = collect_runs(_uri(sweep_store), experiment="train/toy", parent_run_id="latest")
     assert len(runs) == 4 and runs["parent_run_id"].nunique() == 1
@@ -216,7 +218,7 @@ def test_collect_runs_and_group_by_algo(sweep_store):
 def test_paired_difference_matches_hand_computation(sweep_store, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from metarec_runner.compare import collect_runs
+    from metarec_runner.report.store import collect_runs
 
     runs = collect_runs(_uri(sweep_store), parent_run_id="latest")
     table = compare_table(runs, "rmse", baseline="global", cache_dir=tmp_path / "cache")

@@ -175,7 +175,7 @@ BAD: list[tuple[str, str]] = [
     ("evaluator.ks=[5,5]", "evaluator.ks"),
     ("evaluator.batch_size=0", "evaluator.batch_size"),
     ("evaluator.n_boot=0", "evaluator.n_boot"),
-    ("evaluator.shots=[0]", "evaluator.shots"),
+    ("evaluator.shots=[-1]", "evaluator.shots"),
     ("evaluator.metrics=[]", "evaluator.metrics"),
     ("splitter.n_query=0", "splitter.n_query"),
     ("splitter.ratios=[0.9,0,0.1]", "splitter.ratios"),
@@ -294,7 +294,7 @@ def test_missing_algo_lists_the_options():
 # ------------------------------------------------------------------ through the CLI
 
 CLI_ONLY: list[tuple[list[str], str]] = [
-    # Hydra's own composition errors, made one line by metarec_runner.entry
+    # Hydra's own composition errors, made one line by metarec_runner.cli.train
     (["+algo=maml", "algo.nonexistent=1"], "algo.nonexistent"),
     (["+algo=maml", "algo.inner_lrr=0.1"], "algo.inner_lrr"),
     (["+algo=maml", "+seed=3"], "seed"),

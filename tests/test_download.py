@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from metarec_runner.data import archive as unpack
 from metarec_runner.data import download as dl
 from metarec_runner.data import registry
 from metarec_runner.data.download import download
@@ -472,10 +473,10 @@ def test_unsafe_archive_is_rejected_and_leaves_nothing(kind, serve, monkeypatch,
 
 def test_zip_bomb_is_rejected(serve, monkeypatch, tmp_path) -> None:
     server = serve()
-    monkeypatch.setattr(dl, "MIN_UNPACK_CAP", 1 << 20)
+    monkeypatch.setattr(unpack, "MIN_UNPACK_CAP", 1 << 20)
     archive = make_zip(tmp_path / "srv" / "bomb.zip",
                        ml100k_entries() | {"ml-100k/zeros": bytes(4 << 20)})
-    assert archive.stat().st_size * dl.MAX_EXPANSION < 4 << 20
+    assert archive.stat().st_size * unpack.MAX_EXPANSION < 4 << 20
     pin(monkeypatch, "ml-100k", archive)
     root = tmp_path / "data"
     with pytest.raises(DataError, match="zip bomb"):

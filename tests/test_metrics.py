@@ -12,6 +12,7 @@ import torch
 from metarec_runner.errors import ConfigError, TrainingError
 from metarec_runner.evaluate import metrics as M
 from metarec_runner.evaluate.evaluator import QueryEvaluator
+from metarec_runner.evaluate.references import reference_metrics
 from metarec_runner.evaluate.summary import bootstrap_ci, by_support_size, mean_ci, summarize
 
 
@@ -395,7 +396,8 @@ def test_reference_scorers_on_the_same_items():
     target = torch.tensor([[5.0, 4.0, 1.0, 1.0], [2.0, 2.0, 5.0, 3.0]])
     mask = torch.ones_like(target, dtype=torch.bool)
     relevant = ev.relevant(target, mask)
-    out = ev.reference_metrics(target, mask, relevant, mask, torch.Generator().manual_seed(0))
+    out = reference_metrics(ev.scoring, target, mask, relevant, mask, torch.Generator().manual_seed(0),
+                            ev.rating_mean)
     assert not any(k.endswith("rmse") for k in out)
     assert torch.equal(out["ref/oracle/precision_at_2"], torch.ones(2))
     # constant scores + position ties: the first two query items are "ranked" first

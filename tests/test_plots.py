@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from metarec_runner.tracking import plots
+from metarec_runner.report import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -80,7 +80,7 @@ def test_comparison_png_and_labels(tmp_path: Path) -> None:
 
 
 def test_comparison_bars_are_the_t_intervals_clipped_to_the_metric_range(tmp_path: Path) -> None:
-    from metarec_runner.compare import compare_table
+    from metarec_runner.report.compare import compare_table
 
     runs = pd.DataFrame({
         "run_id": ["a0", "a1", "b0", "c0", "c1"], "algo": ["a", "a", "b", "c", "c"],
@@ -148,7 +148,7 @@ def test_log_run_plots_writes_and_logs(tmp_path: Path) -> None:
 def test_log_run_plots_never_raises(tmp_path: Path, caplog) -> None:
     (tmp_path / "adaptation.csv").write_text("not,a\ncurve,at all\n")
     tracker = RecordingTracker()
-    with caplog.at_level(logging.WARNING, logger="metarec_runner.tracking.plots"):
+    with caplog.at_level(logging.WARNING, logger="metarec_runner.report.plots"):
         written = plots.log_run_plots(tracker, tmp_path, pd.DataFrame(), by_support())
     assert [p.name for p in written] == ["support_size.png"]
     warnings = [r.getMessage() for r in caplog.records]
@@ -156,7 +156,7 @@ def test_log_run_plots_never_raises(tmp_path: Path, caplog) -> None:
     assert any("adaptation_curve.png skipped" in w for w in warnings)
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="metarec_runner.tracking.plots"):
+    with caplog.at_level(logging.WARNING, logger="metarec_runner.report.plots"):
         plots.log_run_plots(RecordingTracker(fail=True), tmp_path, history(), None)
     assert any("not logged" in r.getMessage() and "store down" in r.getMessage()
                and "second line" not in r.getMessage() for r in caplog.records)
@@ -164,14 +164,14 @@ def test_log_run_plots_never_raises(tmp_path: Path, caplog) -> None:
 
 
 def test_plots_module_does_not_import_matplotlib() -> None:
-    code = ("import sys, metarec_runner.tracking.plots; "
+    code = ("import sys, metarec_runner.report.plots; "
             "assert 'matplotlib' not in sys.modules, 'matplotlib imported eagerly'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 def test_headless_without_display(tmp_path: Path) -> None:
     """No DISPLAY, an interactive MPLBACKEND set: the Agg canvas is used regardless."""
-    code = ("import pandas as pd; from metarec_runner.tracking import plots; "
+    code = ("import pandas as pd; from metarec_runner.report import plots; "
             f"plots.plot_comparison(pd.DataFrame({{'algo': ['a'], 'n_runs': [1], 'mean': [1.0], "
             f"'ci95': [0.1]}}), r'{tmp_path / 'c.png'}', 'rmse')")
     env = {"PATH": "/usr/bin:/bin", "MPLBACKEND": "TkAgg", "HOME": str(tmp_path)}

@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from metarec_runner.compare import parse_overrides, swept_keys
+from metarec_runner.launch.callbacks import FAILED_DIR, ThreadsPerJob
 from metarec_runner.paths import conf_dir
-from metarec_runner.tracking.callbacks import FAILED_DIR, ThreadsPerJob
+from metarec_runner.report.store import parse_overrides, swept_keys
 
 METAREC = [sys.executable, "-m", "metarec_runner.cli"]
 TINY = ["dataset.n_users=120", "dataset.n_items=80", "trainer.max_epochs=1", "trainer.progress=false"]
@@ -234,7 +234,7 @@ def test_optuna_four_trials_under_one_parent(tmp_path: Path) -> None:
 
 def _job_process_facts() -> tuple[int, bool]:
     """(parent pid, whether the preload module was in memory before this call)."""
-    return os.getppid(), "metarec_runner.tracking.worker_preload" in sys.modules
+    return os.getppid(), "metarec_runner.launch.worker_preload" in sys.modules
 
 
 def test_joblib_workers_fork_from_a_preloaded_server() -> None:
@@ -245,10 +245,10 @@ def test_joblib_workers_fork_from_a_preloaded_server() -> None:
     from joblib import Parallel, delayed
     from joblib.externals.loky.backend.context import get_start_method, set_start_method
 
-    from metarec_runner.tracking.callbacks import PrewarmWorkers
+    from metarec_runner.launch.callbacks import PrewarmWorkers
 
     cfg = _compose(["hydra/launcher=joblib", "+algo=maml"])
-    assert "metarec_runner.tracking.worker_preload" not in sys.modules  # nothing loaded here
+    assert "metarec_runner.launch.worker_preload" not in sys.modules  # nothing loaded here
     try:
         PrewarmWorkers().on_multirun_start(cfg)
         assert get_start_method() == "forkserver"
@@ -262,7 +262,7 @@ def test_joblib_workers_fork_from_a_preloaded_server() -> None:
 def test_prewarm_leaves_other_launchers_alone() -> None:
     from joblib.externals.loky.backend.context import get_start_method
 
-    from metarec_runner.tracking.callbacks import PrewarmWorkers
+    from metarec_runner.launch.callbacks import PrewarmWorkers
 
     before = get_start_method()
     PrewarmWorkers().on_multirun_start(_compose(["+algo=maml"]))  # the basic (sequential) launcher

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from typing import NoReturn
+
 
 class MetarecError(Exception):
     """Base class for every error metarec reports as a one-line message (no traceback)."""
@@ -51,3 +54,19 @@ def require_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     """Raise ConfigError unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise ConfigError(key, f"unknown value {value!r}; choose one of {', '.join(choices)}")
+
+
+class JobFailed(RuntimeError):
+    """A sweep job stopped on a MetarecError (already printed); Hydra records the job FAILED and
+    runs the sweep's other jobs."""
+
+
+def fail(err: MetarecError | str, code: int) -> NoReturn:
+    """Print the one-line error; exit a single run, or fail just this job of a sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    print(f"metarec: error: {err}", file=sys.stderr)
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise JobFailed(str(err)) from None
+    sys.exit(code)

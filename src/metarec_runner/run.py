@@ -20,13 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from metarec_runner.config.rules import check_config
-from metarec_runner.entry import fail
-from metarec_runner.errors import ConfigError, MetarecError
+from metarec_runner.errors import ConfigError, MetarecError, fail
 from metarec_runner.evaluate.candidates import Catalog
 from metarec_runner.evaluate.metric_specs import needs_ratings
 from metarec_runner.runner import Runner
 from metarec_runner.tracking import flatten_config
-from metarec_runner.tracking.plots import log_run_plots
+from metarec_runner.report.plots import log_run_plots
 from metarec_runner.utils import git_sha, resolve_device, resolve_dtype, seed_everything, versions
 
 

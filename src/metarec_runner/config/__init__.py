@@ -1,7 +1,7 @@
 """Every config value, checked in one place before torch, data or MLflow are touched.
 
 :func:`check_config` runs at the top of every ``metarec train`` job
-(:func:`metarec_runner.entry.train_job`), before the job imports torch or builds the dataset, so a
+(:func:`metarec_runner.cli.train.train_job`), before the job imports torch or builds the dataset, so a
 typo is reported in well under a second instead of after the data is loaded. It raises the first
 problem as a one-line :class:`~metarec_runner.errors.ConfigError` that names the key as the user
 types it (``algo.inner_lr``), the value, and the fix::

@@ -23,12 +23,21 @@ Graded relevance (the ratings themselves) is used only by :func:`graded_ndcg_at_
 A task with no relevant item gets NaN for every binary ranking metric (NDCG, recall, precision,
 hit rate, MRR, AUC), so all ranking means run over the same tasks; summaries skip and count NaNs.
 AUC is also NaN when a task has no irrelevant item.
+
+:class:`MetricSet` is the evaluator's choice of metrics (``evaluator.metrics``, ``ks``,
+``graded_gain``): it names the columns and computes them all per task from one set of scores.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
+
+from metarec_runner.errors import ConfigError, TrainingError
+from metarec_runner.evaluate.metric_specs import METRIC_SPECS, metric_columns
 
 RELEVANCE_RULES = ("threshold", "top_n")
 TIE_BREAKS = ("position", "random", "topk")
@@ -244,3 +253,93 @@ def graded_ndcg_at_k(pred: Tensor, target: Tensor, mask: Tensor, k: int, gain: s
     ideal = torch.sort(g.masked_fill(~mask, float("-inf")), dim=-1, descending=True).values[:, :k]
     idcg = (ideal.masked_fill(torch.isinf(ideal), 0.0) * disc).sum(-1)
     return _nan_unless(idcg > 0, dcg / idcg.where(idcg > 0, torch.ones_like(idcg)))
+
+
+BINARY_AT_K = {
+    "ndcg": ndcg_at_k,
+    "recall": recall_at_k,
+    "precision": precision_at_k,
+    "hit": hit_rate_at_k,
+    "mrr": mrr_at_k,
+}
+"""The cut-off metrics of binary relevance, by base name."""
+_RATING = {"rmse": rmse, "mae": mae}
+
+
+def check_finite(pred: Tensor, mask: Tensor) -> None:
+    """Raise :class:`~metarec_runner.errors.TrainingError` if a valid score is NaN or infinite."""
+    if not torch.isfinite(pred[mask]).all():
+        raise TrainingError(
+            "the model produced NaN or infinite scores; the run is invalid "
+            "(lower the learning rates, e.g. algo.inner_lr or algo.meta_optimizer.lr)"
+        )
+
+
+@dataclass(frozen=True)
+class MetricSet:
+    """The metrics an evaluation reports (``evaluator.metrics``, ``ks``, ``graded_gain``).
+
+    Attributes:
+        names: base names from :data:`~metarec_runner.evaluate.metric_specs.METRIC_SPECS`.
+        ks: cut-offs of the ``*_at_k`` metrics (columns ``<name>_at_<k>``: MLflow rejects '@').
+        graded_gain: gains of ``graded_ndcg``: ``"exp"`` (``2**rating - 1``) or ``"linear"``.
+    """
+
+    names: tuple[str, ...] = ("rmse", "mae", "ndcg", "recall")
+    ks: tuple[int, ...] = (3, 5)
+    graded_gain: str = "exp"
+
+    def __post_init__(self) -> None:
+        if not self.ks or any(int(k) < 1 for k in self.ks):
+            raise ConfigError("ks", f"must be a non-empty list of positive cut-offs, got {list(self.ks)}")
+        names = [str(m) for m in self.names]
+        unknown = [m for m in names if m not in METRIC_SPECS]
+        if not names or unknown or len(set(names)) != len(names):
+            raise ConfigError("evaluator.metrics", "must be a non-empty list of distinct names from "
+                              f"{list(METRIC_SPECS)}, got {names}")
+        if self.graded_gain not in GAINS:
+            raise ConfigError("evaluator.graded_gain",
+                              f"must be one of {list(GAINS)}, got {self.graded_gain!r}")
+        object.__setattr__(self, "names", tuple(names))
+        object.__setattr__(self, "ks", tuple(int(k) for k in self.ks))
+
+    @classmethod
+    def of(cls, names: Sequence[str], ks: Sequence[int], graded_gain: str = "exp") -> MetricSet:
+        """From config lists."""
+        return cls(tuple(names), tuple(ks), graded_gain)
+
+    def rating(self, pred: Tensor, target: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        """RMSE and MAE ``[B]`` (those of :attr:`names`) of rating predictions ``pred``."""
+        return {m: _RATING[m](pred, target, mask) for m in self.names if m in _RATING}
+
+    @property
+    def columns(self) -> list[str]:
+        """The per-task columns, in order (``rmse``, ``ndcg_at_5``, ...)."""
+        return metric_columns(self.names, self.ks)
+
+    def per_task(self, pred: Tensor, target: Tensor, mask: Tensor, relevant: Tensor,
+                 rating: bool = True) -> dict[str, Tensor]:
+        """Every metric per task (``[B]`` each) of padded scores ``pred [B, C]``.
+
+        Args:
+            pred, target, mask: scores, true ratings (0 where unknown) and valid candidates.
+            relevant: ``Bool[B, C]`` binary relevance of the candidates.
+            rating: also compute RMSE and MAE (meaningful only when the candidates are the
+                query items).
+        """
+        check_finite(pred, mask)
+        out: dict[str, Tensor] = {}
+        for m in self.names:
+            if m in _RATING:
+                if rating:
+                    out[m] = _RATING[m](pred, target, mask)
+            elif m == "auc":
+                out["auc"] = auc(pred, target, mask, relevant=relevant)
+            elif m == "graded_ndcg":
+                for k in self.ks:
+                    out[f"graded_ndcg_at_{k}"] = graded_ndcg_at_k(pred, target, mask, k,
+                                                                  gain=self.graded_gain)
+            else:
+                for k in self.ks:
+                    out[f"{m}_at_{k}"] = BINARY_AT_K[m](pred, target, mask, k, relevant=relevant)
+        return out

@@ -1,8 +1,8 @@
 """Honest statistics: every confidence interval metarec reports is computed here.
 
 The run summaries logged to MLflow (:func:`metarec_runner.evaluate.summary.summarize`),
-``metarec compare`` (:func:`metarec_runner.compare.compare_table`) and the sweep comparison plot
-all call this module, so one interval means one thing everywhere. All intervals are two-sided,
+``metarec compare`` (:func:`metarec_runner.report.compare.compare_table`) and the sweep
+comparison plot all call this module, so one interval means one thing everywhere. All intervals are two-sided,
 at ``level`` (95% by default). Only numpy and pandas are imported at module level; scipy is
 imported on the first quantile.
 

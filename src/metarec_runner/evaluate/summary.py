@@ -1,5 +1,6 @@
-"""Summaries over tasks: mean with a 95% confidence interval (Student's t with n - 1 degrees of
-freedom, or a seeded percentile bootstrap over tasks), and breakdowns by support size.
+"""The per-task table of an evaluation and its summaries over tasks: mean with a 95% confidence
+interval (Student's t with n - 1 degrees of freedom, or a seeded percentile bootstrap over
+tasks), and breakdowns by support size.
 
 The interval arithmetic lives in :mod:`metarec_runner.evaluate.stats` (``mean_ci`` and
 ``bootstrap_ci`` are re-exported here); its docstring states what each interval is.
@@ -14,7 +15,44 @@ import pandas as pd
 
 from metarec_runner.evaluate.stats import CI_METHODS, bootstrap_ci, mean_ci
 
-__all__ = ["CI_METHODS", "bootstrap_ci", "by_support_size", "mean_ci", "summarize"]
+__all__ = ["CI_METHODS", "TaskTable", "bootstrap_ci", "by_support_size", "mean_ci", "summarize"]
+
+
+class TaskTable:
+    """The per-task table of one evaluation, filled a batch of tasks at a time.
+
+    Columns: :data:`COUNTS` first (``task_id``, the support, query, candidate and relevant
+    counts, ``ranking_trivial``), then one float64 column per metric, in the order first added.
+    Values are ``[B]`` arrays or tensors (moved to the CPU here).
+    """
+
+    COUNTS = ("task_id", "n_support", "n_query", "n_candidates", "n_relevant", "ranking_trivial")
+
+    def __init__(self) -> None:
+        self._counts: dict[str, list[np.ndarray]] = {k: [] for k in self.COUNTS}
+        self._values: dict[str, list[np.ndarray]] = {}
+
+    def add(self, counts: dict[str, object], values: dict[str, object]) -> None:
+        """One batch: ``counts`` has every key of :data:`COUNTS`; ``values`` the metrics."""
+        for key in self.COUNTS:
+            self._counts[key].append(_numpy(counts[key]))
+        for name, v in values.items():
+            self._values.setdefault(name, []).append(_numpy(v, np.float64))
+
+    def frame(self) -> pd.DataFrame:
+        """The table so far: one row per task."""
+        frame = pd.DataFrame({k: np.concatenate(v) for k, v in self._counts.items()})
+        for name, v in self._values.items():
+            frame[name] = np.concatenate(v)
+        return frame
+
+
+def _numpy(value, dtype: type | None = None) -> np.ndarray:
+    """A ``[B]`` tensor (any device, any dtype) or array as a numpy array (of ``dtype``)."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu()
+        value = (value.double() if dtype is np.float64 else value).numpy()
+    return np.asarray(value, dtype=dtype)
 
 
 def summarize(

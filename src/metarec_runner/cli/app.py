@@ -13,8 +13,8 @@ import sys
 
 import typer
 
-from metarec_runner.compare_cli import compare  # stdlib + typer only: --help stays fast
-from metarec_runner.data_cli import data_app  # stdlib + typer only: --help stays fast
+from metarec_runner.cli.compare import compare  # stdlib + typer only: --help stays fast
+from metarec_runner.cli.data import data_app  # stdlib + typer only: --help stays fast
 
 app = typer.Typer(
     help="Meta-learning for cold-start recommendation: config-driven experiments on Hydra + MLflow.",
@@ -40,7 +40,7 @@ def train(ctx: typer.Context) -> None:
     """Meta-train and test: `metarec train +algo=maml key=value ...` (`-m` for sweeps,
     `--help` for Hydra's help with every config group)."""
     sys.argv = ["metarec train", *normalize_overrides(list(ctx.args))]
-    from metarec_runner.entry import main
+    from metarec_runner.cli.train import main
 
     main()
 
@@ -83,14 +83,10 @@ def _latest_experiment_runs_path(uri: str) -> str:
         from mlflow.tracking import MlflowClient
 
         exps = MlflowClient(uri).search_experiments(order_by=["last_update_time DESC"], max_results=1)
-    except Exception:  # an unreachable store: the UI itself will say why
+    except Exception:  # noqa: BLE001  (an unreachable store: the UI itself will say why)
         return "#/experiments"
     return f"#/experiments/{exps[0].experiment_id}/runs" if exps else "#/experiments"
 
 
 app.add_typer(data_app, name="data")
 app.command("compare")(compare)
-
-
-if __name__ == "__main__":
-    app()

@@ -57,8 +57,9 @@ def compare(
     group_by = [k.strip() for k in by.split(",") if k.strip()] if by is not None else []
     if by is not None and not group_by:
         _fail("--by needs at least one tag or param, e.g. --by algo")
-    from metarec_runner.compare import CompareError, collect_runs, compare_table, swept_keys
     from metarec_runner.paths import default_tracking_uri
+    from metarec_runner.report.compare import compare_table
+    from metarec_runner.report.store import CompareError, collect_runs, swept_keys
 
     uri = tracking_uri or default_tracking_uri()
     try:

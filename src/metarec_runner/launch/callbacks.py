@@ -123,9 +123,9 @@ def log_sweep_comparison(tracking_uri: str, parent_run_id: str, out_dir: str | P
     """Compare a sweep's finished children and log ``sweep_comparison.{png,csv}`` to the parent.
 
     Children are grouped by the keys the sweep varied (``algo``, ``algo.inner_lr``...; ``algo``
-    when none), seeds aggregated (:func:`metarec_runner.compare.compare_table`): the mean over
-    distinct seeds and its 95% Student's t-interval over them (n_seeds - 1 degrees of freedom,
-    :mod:`metarec_runner.evaluate.stats`); a group with one distinct seed has no interval (NaN
+    when none), seeds aggregated (:func:`metarec_runner.report.compare.compare_table`): the
+    mean over distinct seeds and its 95% Student's t-interval over them (n_seeds - 1 degrees of
+    freedom, :mod:`metarec_runner.evaluate.stats`); a group with one distinct seed has no interval (NaN
     ``ci95``, a bare point in the plot), never one over test tasks passed off as one over seeds.
     ``metric`` falls back to ``rmse`` when the children lack it.
 
@@ -134,8 +134,9 @@ def log_sweep_comparison(tracking_uri: str, parent_run_id: str, out_dir: str | P
     """
     from mlflow.tracking import MlflowClient
 
-    from metarec_runner.compare import available_metrics, collect_runs, compare_table, swept_keys
-    from metarec_runner.tracking.plots import plot_comparison
+    from metarec_runner.report.compare import compare_table
+    from metarec_runner.report.plots import plot_comparison
+    from metarec_runner.report.store import available_metrics, collect_runs, swept_keys
 
     runs = collect_runs(tracking_uri, parent_run_id=parent_run_id)
     if runs.empty:
@@ -184,7 +185,7 @@ class ThreadsPerJob(Callback):
 
 class PrewarmWorkers(Callback):
     """Joblib launcher: fork the worker processes from a server that has imported, once, what
-    every job needs (:mod:`metarec_runner.tracking.worker_preload`), instead of letting each
+    every job needs (:mod:`metarec_runner.launch.worker_preload`), instead of letting each
     worker start a fresh interpreter and import torch, MLflow and matplotlib itself.
 
     On multirun start (before the MLflow parent run is opened) this sets loky's start method to
@@ -212,7 +213,7 @@ class PrewarmWorkers(Callback):
 
         from joblib.externals.loky.backend.context import set_start_method
 
-        multiprocessing.set_forkserver_preload(["metarec_runner.tracking.worker_preload"])
+        multiprocessing.set_forkserver_preload(["metarec_runner.launch.worker_preload"])
         set_start_method("forkserver", force=True)
         forkserver.ensure_running()  # the server imports in the background from here on
         log.info("PrewarmWorkers: joblib workers fork from a preloaded server")

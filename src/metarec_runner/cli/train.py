@@ -30,21 +30,8 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from metarec_runner.config.rules import check_config
-from metarec_runner.errors import MetarecError
+from metarec_runner.errors import MetarecError, fail
 from metarec_runner.paths import conf_dir
-
-
-class JobFailed(RuntimeError):
-    """A sweep job stopped on a MetarecError (already printed); Hydra records the job FAILED and
-    runs the sweep's other jobs."""
-
-
-def fail(err: MetarecError | str, code: int) -> NoReturn:
-    """Print the one-line error; exit a single run, or fail just this job of a sweep."""
-    print(f"metarec: error: {err}", file=sys.stderr)
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        raise JobFailed(str(err)) from None
-    sys.exit(code)
 
 
 def train_job(cfg: DictConfig) -> float:

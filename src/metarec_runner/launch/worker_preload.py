@@ -1,6 +1,6 @@
 """What every sweep job imports, loaded once in the fork server of the joblib launcher's workers.
 
-Imported by :class:`~metarec_runner.tracking.callbacks.PrewarmWorkers`'s fork server, never by
+Imported by :class:`~metarec_runner.launch.callbacks.PrewarmWorkers`'s fork server, never by
 a job itself: the workers forked from that server start with these modules in memory instead of
 importing them afresh (several seconds each: torch, the ``torch._dynamo`` that ``torch.optim``
 imports on its first optimizer, MLflow's client, matplotlib with its font cache, metarec's run

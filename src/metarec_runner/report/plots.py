@@ -6,7 +6,7 @@ parallel jobs) and returns the path it wrote. :func:`log_run_plots` draws a run'
 them; a plot that fails is skipped with a warning and never fails the run.
 
 ``matplotlib`` is imported inside the functions (it takes a moment), so importing
-``metarec_runner.tracking`` stays light.
+``metarec_runner.report.plots`` stays light.
 """
 
 from __future__ import annotations
@@ -199,14 +199,14 @@ def plot_comparison(table: pd.DataFrame, path: str | Path, metric: str,
     """Group means with 95% CIs as a point plot, best at the top (e.g. one row per algorithm).
 
     The bars are the table's intervals (``mean ± ci95``; for
-    :func:`metarec_runner.compare.compare_table` the Student's t-interval over distinct seeds,
-    :mod:`metarec_runner.evaluate.stats`), clipped to the metric's declared range
+    :func:`metarec_runner.report.compare.compare_table` the Student's t-interval over distinct
+    seeds, :mod:`metarec_runner.evaluate.stats`), clipped to the metric's declared range
     (``MetricSpec.lower_bound``/``upper_bound``: an RMSE bar never dips below 0). A group without
     an interval (one distinct seed, NaN ``ci95``) gets a bare point and says so in its label.
 
     Args:
         table: one row per group with ``mean`` and ``ci95`` (and ``n_runs``, ``n_seeds``), e.g.
-            :func:`metarec_runner.compare.compare_table` output.
+            :func:`metarec_runner.report.compare.compare_table` output.
         path: the PNG to write.
         metric: the metric's name (axis label, and its range for clipping).
         label_columns: the columns naming a group (default: the table's ``group_by`` attribute,
