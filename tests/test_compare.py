@@ -150,6 +150,39 @@ def test_one_seed_table_prints_no_interval_and_says_why(capsys):
     assert "2 users (1 seed averaged)" in a_line
 
 
+def test_shots_table_pairs_each_user_at_the_same_k():
+    """Two algos x 2 seeds evaluated at k = 0 and 3 and the full support: one row per (k, algo),
+    the baseline paired at the same k, users averaged over seeds (hand-computed)."""
+    from metarec_runner.report.compare import shots_table
+
+    runs = pd.DataFrame({
+        "run_id": ["m0", "m1", "p0", "p1"], "algo": ["m", "m", "pop", "pop"],
+        "seed": pd.array([0, 1, 0, 1], dtype="Int64"), "split_hash": ["h"] * 4,
+        "test/ndcg_at_10": [0.5, 0.7, 0.2, 0.2],
+        "test_k0/ndcg_at_10": [0.1, 0.1, 0.2, 0.2],
+        "test_k3/ndcg_at_10": [0.3, 0.5, 0.2, 0.2],
+    })
+    main = {"m0": [0.4, 0.6], "m1": [0.6, 0.8], "p0": [0.2, 0.2], "p1": [0.2, 0.2]}
+    shot = {"m0": {0: [0.1, 0.1], 3: [0.2, 0.4]}, "m1": {0: [0.1, 0.1], 3: [0.4, 0.6]},
+            "p0": {0: [0.2, 0.2], 3: [0.2, 0.2]}, "p1": {0: [0.2, 0.2], 3: [0.2, 0.2]}}
+
+    def per_task(run_id, name="per_task.csv"):
+        if name == "per_task.csv":
+            return pd.DataFrame({"task_id": [1, 2], "ndcg_at_10": main[run_id]})
+        rows = [(k, t, v) for k, values in shot[run_id].items() for t, v in zip((1, 2), values)]
+        return pd.DataFrame(rows, columns=["shots", "task_id", "ndcg_at_10"])
+
+    table = shots_table(runs, "ndcg_at_10", baseline="pop", per_task=per_task)
+    assert table[["k", "algo"]].values.tolist() == [
+        ["0", "pop"], ["0", "m"], ["3", "m"], ["3", "pop"], ["all", "m"], ["all", "pop"]]
+    m = table[table["algo"] == "m"].set_index("k")
+    # k=3: user 1 (0.2+0.4)/2 - 0.2 = 0.1, user 2 (0.4+0.6)/2 - 0.2 = 0.3: mean 0.2 over 2 users
+    assert m.loc["3", "diff"] == pytest.approx(0.2) and m.loc["3", "n_users"] == 2
+    assert m.loc["0", "diff"] == pytest.approx(-0.1)
+    assert m.loc["all", "diff"] == pytest.approx(0.4)  # (0.5 - 0.2 + 0.7 - 0.2) / 2
+    assert m.loc["3", "mean"] == pytest.approx(0.4) and m.loc["3", "n_seeds"] == 2
+
+
 def test_compare_table_errors_name_the_fix():
     with pytest.raises(CompareError, match="available: ndcg_at_5, rmse"):
         compare_table(_hand_runs(), "mae")

@@ -46,6 +46,9 @@ def compare(
     ci: str = typer.Option("t", help="The paired difference's interval over users: t (Student's, "
                            "n_users-1 df) | bootstrap (percentile, seeded). Over seeds: always t."),
     tracking_uri: str = typer.Option(None, help="Store to read (default: the one `train` writes to)."),
+    shots: bool = typer.Option(False, "--shots", help="One row per (k, group): the few-shot "
+                               "results (evaluator.shots) and the full support (k=all), the "
+                               "baseline paired at the same k."),
 ) -> None:
     """Compare finished runs: mean test metric per algo with a 95% Student's t-interval over
     distinct seeds (none with one seed), and the paired difference to --baseline over the same
@@ -58,7 +61,7 @@ def compare(
     if by is not None and not group_by:
         _fail("--by needs at least one tag or param, e.g. --by algo")
     from metarec_runner.paths import default_tracking_uri
-    from metarec_runner.report.compare import compare_table
+    from metarec_runner.report.compare import compare_table, shots_table
     from metarec_runner.report.store import CompareError, collect_runs, swept_keys
 
     uri = tracking_uri or default_tracking_uri()
@@ -75,7 +78,11 @@ def compare(
         if runs["dataset"].nunique() > 1 and "dataset" not in group_by:
             group_by = ["dataset", *group_by]
             note = "; ".join(filter(None, [note, "runs span several datasets: grouped by dataset too"]))
-        table = compare_table(runs, metric, group_by=group_by, baseline=baseline, ci=ci)
+        if shots:
+            group_by = ["algo" if k == "coldstart" else k for k in group_by]
+            table = shots_table(runs, metric, group_by=group_by, baseline=baseline, ci=ci)
+        else:
+            table = compare_table(runs, metric, group_by=group_by, baseline=baseline, ci=ci)
     except CompareError as err:
         _fail(str(err))
     if format == "csv":

@@ -21,6 +21,7 @@ tasks are never compared task by task.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -36,6 +37,8 @@ from metarec_runner.report.store import (
     resolve_column,
 )
 
+FEW_SHOT_FILE = "few_shot_per_task.csv"  # per-user results at every k (evaluator.shots)
+ALL_SHOTS = "all"  # the k of the main test pass: every support item
 SEED_KEYS = ("split_hash", "seed")  # what makes two runs of a group distinct seeds
 CHECKSUM_COLUMN = "tags.data_checksum"  # qualifies task ids: the same id in other data is another user
 
@@ -182,3 +185,74 @@ def _default_uri() -> str:
     from metarec_runner.paths import default_tracking_uri
 
     return default_tracking_uri()
+
+
+def _shot_order(k: object) -> float:
+    """Sort key of a ``k`` column value: the numbers ascending, then ``all``."""
+    return float("inf") if k == ALL_SHOTS else float(k)
+
+
+def expand_shots(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One row per (run, k): the runs' few-shot results (``test_k<k>/<metric>``) and their main
+    test pass (``k = "all"``) as if each were a run of its own, with a ``k`` column.
+
+    The row of shot ``k`` has ``run_id`` ``"<run id>@<k>"``, which :func:`shot_loader` reads
+    from the run's ``few_shot_per_task.csv``, so paired differences at each k pair the same
+    users at the same k.
+    """
+    metric = _metric_name(metric)
+    col = f"test/{metric}"
+    pattern = re.compile(rf"^test_k(\d+)/{re.escape(metric)}$")
+    shot_cols = {int(m[1]): c for c in runs.columns if (m := pattern.match(c))}
+    frames = []
+    for k, shot_col in sorted(shot_cols.items()):
+        part = runs[runs[shot_col].notna()].copy()
+        part[col] = part[shot_col]
+        part["run_id"] = part["run_id"] + f"@{k}"
+        part["k"] = str(k)
+        frames.append(part)
+    main = runs[runs[col].notna()].copy() if col in runs.columns else runs.iloc[0:0].copy()
+    main["k"] = ALL_SHOTS
+    frames.append(main)
+    out = pd.concat(frames, ignore_index=True)
+    out.attrs.update(runs.attrs)
+    return out
+
+
+def shot_loader(per_task: Callable[..., pd.DataFrame]) -> Callable[[str], pd.DataFrame]:
+    """A per-task loader for :func:`expand_shots` rows: ``"<run id>@<k>"`` reads the users of
+    shot k from the run's ``few_shot_per_task.csv``; a plain run id its ``per_task.csv``."""
+    def load(key: str) -> pd.DataFrame:
+        run_id, _, k = key.partition("@")
+        if not k:
+            return per_task(run_id)
+        table = per_task(run_id, FEW_SHOT_FILE)
+        return table[table["shots"] == int(k)]
+
+    return load
+
+
+def shots_table(runs: pd.DataFrame, metric: str, group_by: Sequence[str] = ("algo",),
+                baseline: str | None = None, per_task: Callable[..., pd.DataFrame] | None = None,
+                cache_dir: str | Path | None = None, ci: str = "t", n_boot: int = 1000,
+                level: float = stats.LEVEL) -> pd.DataFrame:
+    """:func:`compare_table` at every support size: one row per (k, group), ``k`` first (the
+    evaluator's shots, then ``all``), best first within each k. The paired difference to
+    ``baseline`` pairs each user at the same k."""
+    expanded = expand_shots(runs, metric)
+    if per_task is None:
+        per_task = PerTaskCache(runs.attrs.get("tracking_uri") or _default_uri(), cache_dir)
+    loader = shot_loader(per_task)
+    tables = []
+    for k in sorted(expanded["k"].unique(), key=_shot_order):  # baseline paired at the same k
+        at_k = expanded[expanded["k"] == k]
+        if baseline is not None and not (at_k["algo"] == baseline).any():
+            continue  # the baseline was not evaluated at this k
+        part = compare_table(at_k, metric, group_by=group_by, baseline=baseline, per_task=loader,
+                             ci=ci, n_boot=n_boot, level=level)
+        tables.append(part.assign(k=k)[["k", *part.columns]])
+    if not tables:
+        raise CompareError(f"the baseline {baseline!r} has no results at any k")
+    table = pd.concat(tables, ignore_index=True)
+    table.attrs.update(tables[0].attrs, group_by=("k", *group_by))
+    return table

@@ -29,7 +29,8 @@ SWEEP_PREFIX = "sweep:"
 CORE_TAGS = ("algo", "model", "dataset", "splitter", "split_hash", "protocol")
 PER_TASK_FILE = "per_task.csv"
 OVERRIDE_PREFIX = "override."  # collect_runs' columns of each job's own command-line overrides
-AGGREGATED_KEYS = ("seed",)  # swept keys that are aggregated over (CIs over seeds), never grouped by
+TEST_PREFIXES = ("test/", "test_k")  # the test pass and the few-shot re-tests (test_k<k>/...)
+AGGREGATED_KEYS = ("seed", "split_seed")  # swept keys aggregated over (CIs over seeds), never grouped by
 _OVERRIDE_START = re.compile(r" (?=[+~]{0,2}[\w./@-]+=)")  # where the next `key=` begins
 
 
@@ -145,7 +146,7 @@ def collect_runs(tracking_uri: str | None = None, experiment: str | None = None,
                "status": r.info.status}
         row.update({k: tags.get(k) for k in CORE_TAGS})
         row["seed"], row["split_seed"] = _to_int(params.get("seed")), _to_int(params.get("split_seed"))
-        row.update({k: float(v) for k, v in sorted(r.data.metrics.items()) if k.startswith("test/")})
+        row.update({k: float(v) for k, v in sorted(r.data.metrics.items()) if k.startswith(TEST_PREFIXES)})
         row.update({f"tags.{k}": v for k, v in sorted(tags.items())
                     if k not in CORE_TAGS and not k.startswith("mlflow.")})
         row.update({f"params.{k}": v for k, v in sorted(params.items())})
@@ -155,7 +156,7 @@ def collect_runs(tracking_uri: str | None = None, experiment: str | None = None,
     if not frame.empty:  # metric columns first, after the core columns
         fixed = ["run_id", "run_name", "experiment_id", "parent_run_id", "status", *CORE_TAGS,
                  "seed", "split_seed"]
-        metric_cols = sorted(c for c in frame.columns if c.startswith("test/"))
+        metric_cols = sorted(c for c in frame.columns if c.startswith(TEST_PREFIXES))
         rest = [c for c in frame.columns if c not in fixed and c not in metric_cols]
         frame = frame[fixed + metric_cols + rest]
         frame["seed"] = frame["seed"].astype("Int64")
@@ -208,7 +209,7 @@ def resolve_column(runs: pd.DataFrame, key: str) -> str:
         if col in runs.columns:
             return col
     known = sorted({c.split(".", 1)[1] if c.startswith(("tags.", "params.", OVERRIDE_PREFIX)) else c
-                    for c in runs.columns if not c.startswith("test/")})
+                    for c in runs.columns if not c.startswith(TEST_PREFIXES)})
     raise CompareError(f"cannot group by {key!r}: no such tag or param; e.g. "
                        f"{', '.join(k for k in known[:40])}")
 
@@ -225,10 +226,12 @@ class PerTaskCache:
         self._frames: dict[str, pd.DataFrame] = {}
         self._client_obj = None
 
-    def __call__(self, run_id: str) -> pd.DataFrame:
-        if run_id not in self._frames:
+    def __call__(self, run_id: str, name: str = PER_TASK_FILE) -> pd.DataFrame:
+        """The run's per-user table ``name`` (``per_task.csv``, or ``few_shot_per_task.csv``)."""
+        key = f"{run_id}/{name}"
+        if key not in self._frames:
             dst = self.dir / run_id
-            path = dst / PER_TASK_FILE
+            path = dst / name
             if not path.is_file():
                 if self._client_obj is None:
                     # one progress bar per downloaded table would bury the comparison on stderr
@@ -236,9 +239,9 @@ class PerTaskCache:
                     self._client_obj = _client(self.tracking_uri)
                 dst.mkdir(parents=True, exist_ok=True)
                 try:
-                    path = Path(self._client_obj.download_artifacts(run_id, PER_TASK_FILE, str(dst)))
+                    path = Path(self._client_obj.download_artifacts(run_id, name, str(dst)))
                 except Exception as e:  # noqa: BLE001 - a run without the artifact
-                    raise CompareError(f"run {run_id} has no readable {PER_TASK_FILE} artifact "
+                    raise CompareError(f"run {run_id} has no readable {name} artifact "
                                        f"({str(e).strip().splitlines()[0] if str(e).strip() else e!r})") from None
-            self._frames[run_id] = pd.read_csv(path)
-        return self._frames[run_id]
+            self._frames[key] = pd.read_csv(path)
+        return self._frames[key]
