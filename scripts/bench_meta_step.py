@@ -112,8 +112,8 @@ TARGETS = {  # name: (variant key, required speedup at 1 thread)
 def make_algo(v: Variant, model: nn.Module) -> SupportSGD:
     """The variant's algorithm on a private copy of ``model`` (plain SGD outer optimizer)."""
     model = copy.deepcopy(model)
-    kw = dict(adapt="head" if v.scope == "head" else "all", inner_lr=INNER_LR,
-              inner_steps=v.steps, touched_rows=v.scope != "full")
+    kw = {"adapt": "head" if v.scope == "head" else "all", "inner_lr": INNER_LR,
+          "inner_steps": v.steps, "touched_rows": v.scope != "full"}
     sgd = functools.partial(torch.optim.SGD, lr=0.01)
     if v.algo == "reptile":
         return Reptile(model, sgd, **kw)

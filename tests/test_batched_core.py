@@ -10,11 +10,10 @@ import torch
 from torch.func import functional_call, vmap
 
 from metarec_runner.algos.base import _min_padding_cuts, split_by_support_size
+from metarec_runner.algos.fixed_input import fixed_input_inner_loop, has_fixed_input_path
 from metarec_runner.algos.functional import (
     batched_forward,
     expand_params,
-    fixed_input_inner_loop,
-    has_fixed_input_path,
     inner_loop,
     masked_loss,
     masked_mse,
@@ -52,7 +51,7 @@ def test_batched_meta_gradient_equals_per_task_loop(scope, first_order, steps):
     batched = torch.autograd.grad(loss, params)
     reference = torch.autograd.grad(per_task_meta_loss(algo, batch, 0.3, steps, first_order), params)
     assert torch.allclose(loss, per_task_meta_loss(algo, batch, 0.3, steps, first_order), atol=TOL, rtol=0)
-    for b, r in zip(batched, reference):
+    for b, r in zip(batched, reference, strict=True):
         assert (b - r).abs().max() < TOL
     assert any(g.abs().sum() > 0 for g in batched)
 
@@ -67,7 +66,7 @@ def test_second_and_first_order_gradients_differ():
                     first_order=first_order)
         loss, _ = algo.meta_loss(batch)
         grads.append(torch.autograd.grad(loss, list(model.head.parameters())))
-    diff = max((a - b).abs().max() for a, b in zip(*grads))
+    diff = max((a - b).abs().max() for a, b in zip(*grads, strict=True))
     assert diff > 1e-6
 
 
@@ -75,10 +74,11 @@ def test_hand_batched_forward_equals_vmap_functional_call():
     model = _model()
     batch = _batch()
     for module, inputs in ((model.head, model.body(batch.support_x)), (model, batch.support_x)):
-        params = {n: p.detach().unsqueeze(0).expand(batch.size, *p.shape).clone() + 0.01 * torch.randn(batch.size, *p.shape, dtype=p.dtype)
+        params = {n: p.detach().unsqueeze(0).expand(batch.size, *p.shape).clone()
+                  + 0.01 * torch.randn(batch.size, *p.shape, dtype=p.dtype)
                   for n, p in module.named_parameters()}
         fast = batched_forward(module, params, inputs)
-        ref = vmap(lambda p, x: functional_call(module, p, (x,)))(params, inputs)
+        ref = vmap(functools.partial(lambda m, p, x: functional_call(m, p, (x,)), module))(params, inputs)
         assert (fast - ref).abs().max() < TOL
 
 
@@ -141,7 +141,7 @@ def test_chunked_meta_loss_equals_unchunked(scope, first_order):
     for loss, inner, grads in results:
         assert abs(loss - results[0][0]) < TOL and abs(inner - results[0][1]) < TOL
         assert abs(loss - reference) < TOL
-        for g, g0 in zip(grads, results[0][2]):
+        for g, g0 in zip(grads, results[0][2], strict=True):
             assert (g - g0).abs().max() < TOL
 
 
@@ -178,7 +178,7 @@ def test_split_by_support_size_isolates_outliers():
 
         def padded(cuts):
             ends, starts = list(cuts), [0, *cuts[:-1]]
-            return sum((e - s) * int(sizes[e - 1]) for s, e in zip(starts, ends))
+            return sum((e - s) * int(sizes[e - 1]) for s, e in zip(starts, ends, strict=True))
 
         best = min(padded([*c, 10]) for c in itertools.combinations(range(1, 10), groups - 1)
                    if all(sizes[i - 1] != sizes[i] for i in c))
@@ -200,7 +200,7 @@ def test_fixed_input_path_equals_generic_inner_loop(first_order, detach, steps):
     fast, losses = fixed_input_inner_loop(head, h, *args, 0.3, steps, not first_order, detach)
     params, ref_losses = inner_loop(head, expand_params(head, batch.size, detach=detach),
                                     h.detach() if detach else h, *args, 0.3, steps, not first_order)
-    for a, b in zip(losses, ref_losses):
+    for a, b in zip(losses, ref_losses, strict=True):
         assert (a - b).abs().max() < TOL
     explicit = fast.materialize()
     assert list(explicit) == list(params)
@@ -215,7 +215,7 @@ def test_fixed_input_path_equals_generic_inner_loop(first_order, detach, steps):
         loss = (scores ** 2).sum()
         ref = (ref_scores ** 2).sum()
         for a, b in zip(torch.autograd.grad(loss, list(model.parameters()), retain_graph=True),
-                        torch.autograd.grad(ref, list(model.parameters()))):
+                        torch.autograd.grad(ref, list(model.parameters())), strict=True):
             assert (a - b).abs().max() < TOL
 
 
@@ -242,7 +242,7 @@ def test_modules_without_batched_paths_fall_back_to_vmap(first_order):
     loss, _ = algo.meta_loss(batch)
     reference = per_task_meta_loss(algo, batch, 0.3, 2, first_order)
     assert abs(loss - reference) < TOL
-    for b, r in zip(torch.autograd.grad(loss, params), torch.autograd.grad(reference, params)):
+    for b, r in zip(torch.autograd.grad(loss, params), torch.autograd.grad(reference, params), strict=True):
         assert (b - r).abs().max() < TOL
 
 
@@ -269,7 +269,7 @@ def test_fixed_input_path_is_skipped_for_long_support_sets():
     loss, _ = algo.meta_loss(batch)
     reference = per_task_meta_loss(algo, batch, 0.3, 3, False)
     assert abs(loss - reference) < TOL
-    for b, r in zip(torch.autograd.grad(loss, params), torch.autograd.grad(reference, params)):
+    for b, r in zip(torch.autograd.grad(loss, params), torch.autograd.grad(reference, params), strict=True):
         assert (b - r).abs().max() < TOL
 
 
@@ -307,7 +307,7 @@ def test_batched_meta_gradient_with_bag_fields(scope):
     params = list(model.parameters())
     batched = torch.autograd.grad(algo.meta_loss(batch)[0], params)
     reference = torch.autograd.grad(per_task_meta_loss(algo, batch, 0.3, 2, False), params)
-    for b, r in zip(batched, reference):
+    for b, r in zip(batched, reference, strict=True):
         assert (b - r).abs().max() < TOL
 
 
@@ -331,7 +331,7 @@ def test_packed_first_order_step_equals_per_task_loop(hidden, loss):
     loss_value, inner = algo.meta_loss(batch)
     reference = per_task_meta_loss(algo, batch, 0.3, 1, True, loss=loss)
     assert abs(float(loss_value - reference)) < TOL
-    for b, r in zip(torch.autograd.grad(loss_value, params), torch.autograd.grad(reference, params)):
+    for b, r in zip(torch.autograd.grad(loss_value, params), torch.autograd.grad(reference, params), strict=True):
         assert (b - r).abs().max() < TOL
     # the support loss before the step: each task's mean loss under the shared weights
     pred = model(batch.support_x)

@@ -23,9 +23,9 @@ from metarec_runner.config.rules import check_config
 from metarec_runner.errors import ConfigError, MetarecError, fail
 from metarec_runner.evaluate.candidates import Catalog
 from metarec_runner.evaluate.metric_specs import needs_ratings
+from metarec_runner.report.plots import log_run_plots
 from metarec_runner.runner import Runner
 from metarec_runner.tracking import flatten_config
-from metarec_runner.report.plots import log_run_plots
 from metarec_runner.utils import git_sha, resolve_device, resolve_dtype, seed_everything, versions
 
 
@@ -161,6 +161,7 @@ def _start_tracking(prep: Prepared, cfg: DictConfig, hc) -> None:
     params = flatten_config(resolved)
     params.update({f"split.{k}": str(v) for k, v in prep.splits.summary().items()})
     params["data.noise_floor_rmse"] = str(prep.data.noise_floor_rmse)
+    params["inner_loop"] = getattr(prep.algo, "inner_loop_name", "none")  # the one inner loop, chosen once
     try:
         prep.tracker.start(params=params, tags=_tags(cfg, prep), parent=parent)
     except MetarecError:

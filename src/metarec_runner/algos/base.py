@@ -15,23 +15,13 @@ import torch
 from torch import Tensor, nn
 
 from metarec_runner.algos.compat import check_compatible
-from metarec_runner.algos.functional import (
-    LOSSES,
-    Params,
-    batched_forward,
-    expand_params,
-    fixed_input_inner_loop,
-    fixed_input_pays_off,
-    has_fixed_input_path,
-    has_packed_first_step,
-    inner_loop,
-    masked_loss,
-    packed_first_order_step,
-)
-from metarec_runner.algos.touched import (
-    TouchedFastWeights,
-    supports_touched_rows,
-    touched_inner_loop,
+from metarec_runner.algos.functional import LOSSES, FastWeights, masked_loss
+from metarec_runner.algos.inner_loop import (
+    InnerLoop,
+    StepSize,
+    check_fast_path,
+    check_touched_rows,
+    choose_inner_loop,
 )
 from metarec_runner.errors import (
     ConfigError,
@@ -44,21 +34,13 @@ from metarec_runner.tasks.taskset import TaskBatch
 SCOPES = ("head", "all")
 """``head``: adapt the MLP only, on precomputed embeddings (MeLU's local update, ANIL).
 ``all``: adapt every parameter, embedding tables included (on each task's touched rows only,
-see ``algos.touched``, when the model supports it and ``touched_rows`` is on)."""
+see ``algos.touched``, with ``touched_rows``)."""
 
 AUX_LOSSES = ("none", "support")
 """Auxiliary meta-objective terms: ``support`` = the base model's loss on the support sets
 before adaptation (a global-model regulariser), weighted by ``aux_weight``."""
 
-FastWeights = Params | TouchedFastWeights
-"""Per-task fast weights: ``{name: [B, *shape]}``, or touched-row weights (``adapt: all``)."""
-
-
-def task_mean(fast: FastWeights, name: str) -> Tensor:
-    """Mean over tasks of parameter ``name``'s fast weights, ``[*shape]``."""
-    if isinstance(fast, TouchedFastWeights):
-        return fast.task_mean(name)
-    return fast[name].mean(0)
+__all__ = ["AdaptedScorer", "FastWeights", "MetaAlgorithm", "SupportSGD", "split_by_support_size"]
 
 
 @dataclass
@@ -151,15 +133,25 @@ class MetaAlgorithm:
         model: a model with ``body(x)`` and ``head`` (see ``models.preference``).
         meta_optimizer: a partial ``torch.optim`` constructor (Hydra ``_partial_: true``).
         adapt: adaptation scope, ``head`` or ``all``.
-        touched_rows: with ``adapt: all``, adapt each task's touched embedding rows only
-            (``algos.touched``: the same numbers as full tables, no per-task table copies);
-            ignored for models without the touched-row protocol, which adapt full tables.
+        touched_rows: adapt embedding tables on each task's touched rows only (``algos.touched``:
+            the same numbers as full tables, no per-task table copies); with ``adapt: all`` the
+            model must support it (a one-line ConfigError otherwise: set it false).
         loss: ``mse`` (ratings) or ``bce`` (0/1 labels, predictions are logits), in the inner
             and the outer loop.
+        check_fast_path: debug: compare the inner loop's fast path with ``functional_call`` on
+            the model's forward, in float64, on the first batch of meta-training and of
+            adaptation; a TrainingError if they differ (``inner_loop.check_fast_path``).
+
+    Attributes:
+        inner_loop: the :class:`~metarec_runner.algos.inner_loop.InnerLoop` strategy, chosen
+            once (on first use, after the subclass has set its step sizes); ``inner_loop.name``
+            is what a run logs (:attr:`inner_loop_name`).
     """
 
     #: whether ``adapt`` changes anything (False for non-adaptive baselines)
     adapts: bool = True
+    #: whether the algorithm adapts by SGD on the support sets (it has an :attr:`inner_loop`)
+    sgd_adapts: ClassVar[bool] = False
     #: capabilities the model must provide (``algos.compat``; read through the MRO, so a
     #: subclass inherits them); ``adapt: head`` adds ``head``. Nothing by default (the
     #: reference scorers accept every model); gradient-based algorithms require ``rowwise``.
@@ -179,20 +171,56 @@ class MetaAlgorithm:
         adapt: str = "head",
         touched_rows: bool = True,
         loss: str = "mse",
+        check_fast_path: bool = False,
     ) -> None:
         require_choice("adapt", adapt, SCOPES)
         require_choice("loss", loss, LOSSES)
         self.model = model
         self.scope = adapt
         check_compatible(self, model)  # class attributes (algos.compat): one line if incompatible
+        if self.sgd_adapts:
+            check_touched_rows(model, adapt, bool(touched_rows))
         self.touched_rows = bool(touched_rows)
         self.loss = loss
+        self.check_fast_path = bool(check_fast_path)
         try:
             self.optimizer = meta_optimizer(params=list(model.parameters()))
         except ValueError as e:  # torch.optim validates its own arguments (lr < 0, betas, ...)
             raise ConfigError("meta_optimizer", f"{e}; fix the value under meta_optimizer") from None
 
-    # -- the adapted function ------------------------------------------------------------
+    # -- the inner loop ------------------------------------------------------------------
+    @property
+    def touched_rows(self) -> bool:
+        return self._touched_rows
+
+    @touched_rows.setter
+    def touched_rows(self, value: bool) -> None:
+        self._touched_rows = bool(value)
+        self._inner_loop: InnerLoop | None = None  # chosen again on next use
+
+    def step_sizes(self) -> StepSize:
+        """Inner step size(s) of meta-training (a scalar here; see :class:`SupportSGD`)."""
+        return 0.0
+
+    def packs_first_order_step(self) -> bool:
+        """Whether meta-training takes one first-order inner step (``packed_first_order``)."""
+        return False
+
+    @property
+    def inner_loop(self) -> InnerLoop:
+        """The inner-loop strategy (see :mod:`~metarec_runner.algos.inner_loop`)."""
+        if getattr(self, "_inner_loop", None) is None:
+            self._inner_loop = choose_inner_loop(
+                self.model, self.scope, self.loss, self.touched_rows,
+                scalar_lr=not isinstance(self.step_sizes(), Mapping),
+                packed_step=self.packs_first_order_step())
+        return self._inner_loop
+
+    @property
+    def inner_loop_name(self) -> str:
+        """``inner_loop.name``, or ``none`` for an algorithm that does not adapt by SGD."""
+        return self.inner_loop.name if self.sgd_adapts else "none"
+
     @property
     def adapted_module(self) -> nn.Module:
         """The module whose parameters get per-task fast weights."""
@@ -200,24 +228,21 @@ class MetaAlgorithm:
 
     @property
     def uses_touched_rows(self) -> bool:
-        """Whether ``adapt: all`` runs on touched rows (see :mod:`metarec_runner.algos.touched`)."""
-        return self.scope == "all" and self.touched_rows and supports_touched_rows(self.model)
+        """Whether the inner loop adapts touched rows (:mod:`metarec_runner.algos.touched`)."""
+        return self.inner_loop.name == "touched_rows"
+
+    def uses_fixed_input_path(self, lr: StepSize, support_len: int, steps: int) -> bool:
+        """Whether a batch with supports of ``support_len`` rows takes the kernel form
+        (``algos.fixed_input``; never with per-parameter step sizes)."""
+        return self.inner_loop.uses_fixed_input(lr, support_len, steps)
+
+    def uses_packed_first_step(self, lr: StepSize, steps: int, create_graph: bool) -> bool:
+        """Whether meta-training runs on packed support rows (no grouping by support size)."""
+        return not self.inner_loop.groups_pay_off(lr, steps, create_graph)
 
     def inputs(self, x: Tensor) -> Tensor:
         """Inputs of :attr:`adapted_module` for feature rows ``x [B, L, F]``."""
         return self.model.body(x) if self.scope == "head" else x
-
-    def real_inputs(self, x: Tensor, mask: Tensor) -> Tensor:
-        """:meth:`inputs` computed on the real rows only (``mask [B, L]``), zeros on padding.
-
-        With ``adapt: head`` the body runs once on the packed real rows (support sets are
-        ragged: padding is often half the rows); padded rows' loss weights are zero, so every
-        loss, gradient and adapted weight is unchanged."""
-        if self.scope != "head" or bool(mask.all()):
-            return self.inputs(x)
-        real = self.model.body(x[mask])  # [N, D]
-        out = real.new_zeros(*mask.shape, real.shape[-1])
-        return out.index_put_((mask,), real)  # in place: no copy of the zeros
 
     def check_labels(self, batch: TaskBatch) -> None:
         """``bce`` needs 0/1 labels: raise a ConfigError naming ``loss`` otherwise."""
@@ -229,118 +254,39 @@ class MetaAlgorithm:
                 raise ConfigError("loss", "bce needs labels in [0, 1], got ratings up to "
                                   f"{float(y.max()):g}; use loss=mse or binary feedback")
 
-    def uses_fixed_input_path(
-        self, lr: float | Mapping[str, Tensor], support_len: int, steps: int
-    ) -> bool:
-        """Whether the inner loop takes the exact fixed-input fast path: the adapted module
-        supports :func:`~metarec_runner.algos.functional.fixed_input_inner_loop`, the step
-        size is a scalar, and the path is cheaper for support sets of ``support_len`` rows.
+    def verify_inner_loop(self, path: str, batch: TaskBatch, lr: StepSize, steps: int,
+                          create_graph: bool, detach: bool) -> None:
+        """With ``check_fast_path``, :func:`~metarec_runner.algos.inner_loop.check_fast_path` on
+        the first batch of ``path`` (``meta``: meta-training, ``adapt``: adaptation)."""
+        checked = self.__dict__.setdefault("_checked_paths", set())
+        if getattr(self, "check_fast_path", False) and path not in checked:
+            checked.add(path)
+            check_fast_path(self.inner_loop, batch, lr, steps, create_graph, detach)
 
-        Per-parameter step sizes (Meta-SGD) take the generic path: the first layer's update
-        ``A * (coef^T support)`` (elementwise ``A``) has no kernel form."""
-        module = self.adapted_module
-        return (
-            not isinstance(lr, Mapping)
-            and has_fixed_input_path(module)
-            and fixed_input_pays_off(module, support_len, steps)
-        )
-
-    def uses_packed_first_step(
-        self, lr: float | Mapping[str, Tensor], steps: int, create_graph: bool
-    ) -> bool:
-        """Whether meta-training's inner loop is one first-order step with a scalar step size
-        on a plain MLP head: then :func:`~metarec_runner.algos.functional.packed_first_order_step`
-        runs it on the packed real support rows (no padding, so no grouping by support size)."""
-        return (
-            steps == 1 and not create_graph and not isinstance(lr, Mapping)
-            and not self.uses_touched_rows and has_packed_first_step(self.adapted_module)
-        )
-
-    def adapt_fast(
-        self, batch: TaskBatch, lr: float | Mapping[str, Tensor], steps: int,
-        create_graph: bool, detach: bool,
-    ) -> tuple[FastWeights, list[Tensor]]:
+    def adapt_fast(self, batch: TaskBatch, lr: StepSize, steps: int, create_graph: bool,
+                   detach: bool) -> tuple[FastWeights, list[Tensor]]:
         """Fast weights for every task of ``batch`` after ``steps`` support SGD steps.
 
         Returns:
-            ``(fast weights, [per-task support loss [B] before each step])``; fast weights are
-            ``{name: [B, *shape]}`` or, with touched rows, a :class:`TouchedFastWeights`
-            (a mapping with the same entries, see :meth:`predict`).
+            ``(fast weights, [per-task support loss [B] before each step])``: a
+            :class:`~metarec_runner.algos.functional.FastWeights` (a mapping ``{name: [B,
+            *shape]}`` that applies itself: ``predict``, ``detach``, ``task_mean``).
         """
-        if self.uses_touched_rows:
-            return touched_inner_loop(self.model, batch.support_x, batch.support_y,
-                                      batch.support_mask, lr, steps, create_graph, detach,
-                                      self.loss)
-        inputs = self.real_inputs(batch.support_x, batch.support_mask)
-        if self.uses_fixed_input_path(lr, batch.support_x.shape[1], steps):
-            fast, losses = fixed_input_inner_loop(
-                self.adapted_module, inputs, batch.support_y, batch.support_mask, lr, steps,
-                create_graph, detach, self.loss,
-            )
-            return fast.materialize(), losses
-        params = expand_params(self.adapted_module, batch.size, detach=detach)
-        if detach:
-            inputs = inputs.detach() if inputs.is_floating_point() else inputs
-        return inner_loop(
-            self.adapted_module, params, inputs, batch.support_y, batch.support_mask,
-            lr, steps, create_graph, self.loss,
-        )
+        self.verify_inner_loop("adapt", batch, lr, steps, create_graph, detach)
+        return self.inner_loop.adapt(batch, lr, steps, create_graph, detach)
 
-    def adapt_and_score(
-        self, batch: TaskBatch, lr: float | Mapping[str, Tensor], steps: int, create_graph: bool
-    ) -> tuple[Tensor, list[Tensor]]:
-        """Query scores after ``steps`` support SGD steps, differentiable w.r.t. the model.
+    def adapt_and_score(self, batch: TaskBatch, lr: StepSize, steps: int,
+                        create_graph: bool) -> tuple[Tensor, list[Tensor]]:
+        """Query scores ``[B, Q]`` after ``steps`` support SGD steps, differentiable w.r.t. the
+        model, and ``[per-task support loss [B] before each step]`` (the numbers of
+        :meth:`adapt_fast` then :meth:`predict` on ``batch.query_x``, faster)."""
+        return self.inner_loop.adapt_and_score(batch, lr, steps, create_graph)
 
-        The same numbers as :meth:`adapt_fast` (``detach=False``) then :meth:`predict` on
-        ``batch.query_x``, faster: one body pass over the real support and query rows together
-        (padded support rows skipped, :meth:`real_inputs`; in first order the support rows run
-        without autograd, since no meta-gradient flows through them), and no per-task
-        first-layer weights where the fixed-input path applies.
-
-        Returns:
-            ``(scores [B, Q], [per-task support loss [B] before each step])``.
-        """
-        if self.uses_touched_rows:
-            fast, losses = touched_inner_loop(
-                self.model, batch.support_x, batch.support_y, batch.support_mask, lr, steps,
-                create_graph, loss=self.loss,
-            )
-            return fast.forward(batch.query_x), losses
-        if create_graph:
-            rows = torch.cat([batch.support_x, batch.query_x], 1)
-            mask = torch.cat([batch.support_mask, torch.ones_like(batch.query_mask)], 1)
-            support, query = self.real_inputs(rows, mask).split(
-                [batch.support_x.shape[1], batch.query_x.shape[1]], dim=1
-            )
-        else:  # first order: support inputs reach the meta-loss only through constant gradients
-            with torch.no_grad():
-                support = self.real_inputs(batch.support_x, batch.support_mask)
-            query = self.inputs(batch.query_x)
-        if self.uses_packed_first_step(lr, steps, create_graph):
-            fast, losses = packed_first_order_step(
-                self.adapted_module, support, batch.support_y, batch.support_mask, lr, self.loss
-            )
-            return fast.forward(query), losses
-        if self.uses_fixed_input_path(lr, batch.support_x.shape[1], steps):
-            fast, losses = fixed_input_inner_loop(
-                self.adapted_module, support, batch.support_y, batch.support_mask, lr, steps,
-                create_graph, loss=self.loss,
-            )
-            return fast.forward(query), losses
-        params = expand_params(self.adapted_module, batch.size)
-        params, losses = inner_loop(
-            self.adapted_module, params, support, batch.support_y, batch.support_mask, lr,
-            steps, create_graph, self.loss,
-        )
-        return batched_forward(self.adapted_module, params, query), losses
-
-    def predict(self, params: FastWeights | None, x: Tensor) -> Tensor:
+    def predict(self, params: Mapping[str, Tensor] | None, x: Tensor) -> Tensor:
         """Scores ``[B, L]`` for rows ``x [B, L, F]`` with per-task ``params`` (None = base)."""
         if params is None:
             return self.model(x)
-        if isinstance(params, TouchedFastWeights):
-            return params.forward(x)
-        return batched_forward(self.adapted_module, params, self.inputs(x))
+        return self.inner_loop.wrap(params).predict(x)
 
     # -- the rules an algorithm defines ---------------------------------------------------
     def meta_step(self, batch: TaskBatch) -> dict[str, float]:
@@ -359,16 +305,12 @@ class MetaAlgorithm:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 
-    def sgd_adapt(
-        self, batch: TaskBatch, lr: float | Mapping[str, Tensor], steps: int
-    ) -> AdaptedScorer:
+    def sgd_adapt(self, batch: TaskBatch, lr: StepSize, steps: int) -> AdaptedScorer:
         """Test-time adaptation: ``steps`` SGD steps on each support set, starting from the
         current weights, with no graph back to them (the model is left unchanged)."""
         with torch.enable_grad():
             fast, _ = self.adapt_fast(batch, lr, steps, create_graph=False, detach=True)
-        if isinstance(fast, TouchedFastWeights):
-            return AdaptedScorer(self, fast.detach())
-        return AdaptedScorer(self, {n: p.detach() for n, p in fast.items()})
+        return AdaptedScorer(self, self.inner_loop.wrap(fast).detach())
 
     def _outer_update(self, loss: Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -380,7 +322,8 @@ class SupportSGD(MetaAlgorithm):
     """An algorithm that adapts by SGD on each task's support set (the MAML family, Reptile).
 
     Args:
-        model, meta_optimizer, adapt, touched_rows, loss: see :class:`MetaAlgorithm`.
+        model, meta_optimizer, adapt, touched_rows, loss, check_fast_path: see
+            :class:`MetaAlgorithm`.
         inner_lr: inner SGD step size.
         inner_steps: inner steps during meta-training.
         eval_inner_steps: inner steps at validation/test time (None = ``inner_steps``).
@@ -388,6 +331,7 @@ class SupportSGD(MetaAlgorithm):
         aux_weight: weight of the auxiliary term in the meta-objective (0 = off).
     """
 
+    sgd_adapts: ClassVar[bool] = True
     #: SGD on the support rows: the model must score rows on their own (``algos.compat``)
     requires: ClassVar[frozenset[str]] = frozenset({"rowwise"})
 
@@ -403,8 +347,9 @@ class SupportSGD(MetaAlgorithm):
         loss: str = "mse",
         aux_loss: str = "none",
         aux_weight: float = 0.0,
+        check_fast_path: bool = False,
     ) -> None:
-        super().__init__(model, meta_optimizer, adapt, touched_rows, loss)
+        super().__init__(model, meta_optimizer, adapt, touched_rows, loss, check_fast_path)
         require_positive("inner_lr", inner_lr)
         require_positive("inner_steps", inner_steps)
         if eval_inner_steps is not None:
@@ -422,7 +367,7 @@ class SupportSGD(MetaAlgorithm):
         """Whether the meta-objective has an auxiliary term."""
         return self.aux_loss != "none" and self.aux_weight > 0
 
-    def step_sizes(self) -> float | Mapping[str, Tensor]:
+    def step_sizes(self) -> StepSize:
         """Inner step size(s): the scalar ``inner_lr`` (Meta-SGD: learned per-parameter ones)."""
         return self.inner_lr
 

@@ -59,9 +59,11 @@ class Finetune(GlobalModel):
         adapt: which parameters fine-tune (``head`` or ``all``).
         finetune_lr: SGD step size at adaptation time.
         finetune_steps: SGD steps at adaptation time.
+        touched_rows, check_fast_path: see :class:`MetaAlgorithm` (fine-tuning's inner loop).
     """
 
     adapts = True
+    sgd_adapts: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -71,12 +73,18 @@ class Finetune(GlobalModel):
         finetune_lr: float = 0.05,
         finetune_steps: int = 5,
         loss: str = "mse",
+        touched_rows: bool = True,
+        check_fast_path: bool = False,
     ) -> None:
-        MetaAlgorithm.__init__(self, model, meta_optimizer, adapt, loss=loss)
+        MetaAlgorithm.__init__(self, model, meta_optimizer, adapt, touched_rows, loss, check_fast_path)
         require_positive("finetune_lr", finetune_lr)
         require_positive("finetune_steps", finetune_steps)
         self.finetune_lr = float(finetune_lr)
         self.finetune_steps = int(finetune_steps)
+
+    def step_sizes(self) -> float:
+        """The fine-tuning step size (a scalar)."""
+        return self.finetune_lr
 
     def adapt(self, batch: TaskBatch) -> AdaptedScorer:
         return self.sgd_adapt(batch, self.finetune_lr, self.finetune_steps)

@@ -2,21 +2,31 @@
 
 Fast weights are plain tensors with a leading task dimension ``B``; a module is run with them
 through ``torch.func.functional_call`` under ``torch.func.vmap`` (one batched computation, no
-Python loop over tasks). Inner-loop gradients come from ordinary ``torch.autograd.grad`` on the
-*sum* of per-task losses: task ``b``'s loss depends only on slice ``b`` of the fast weights, so
-the gradient's slice ``b`` is exactly that task's own gradient. With ``create_graph=True`` the
-updates stay differentiable (second-order MAML); gradients flow back to ``module.parameters()``.
-No weights are ever copied into a module (``load_state_dict`` would cut the graph).
+Python loop over tasks) on its real ``forward``. Inner-loop gradients come from ordinary
+``torch.autograd.grad`` on the *sum* of per-task losses: task ``b``'s loss depends only on slice
+``b`` of the fast weights, so the gradient's slice ``b`` is exactly that task's own gradient.
+With ``create_graph=True`` the updates stay differentiable (second-order MAML); gradients flow
+back to ``module.parameters()``. No weights are ever copied into a module (``load_state_dict``
+would cut the graph).
 
-A module whose first layer is a ``Linear`` on its (non-adapted) input gets a faster, exact path,
-:func:`fixed_input_inner_loop`: the first layer's per-task weights are never formed during the
-inner loop; its outputs are updated through the Gram matrix of the support inputs instead.
+**Fast paths.** A class may hand-write per-task versions of its ``forward``
+(:data:`FAST_PATHS`: ``forward_batched``, ``forward_rest``, ``lookup``); they are used only where
+:func:`has_exact_fast_path` says they compute the module's real ``forward``, i.e. on the exact
+classes that wrote them (a subclass overriding ``forward`` is trained through ``functional_call``
+on its own forward) or on an explicit opt-in. A module whose first layer is a ``Linear`` on its
+(non-adapted) input gets a faster, exact path, :func:`fixed_input_inner_loop`: the first layer's
+per-task weights are never formed during the inner loop; its outputs are updated through the
+Gram matrix of the support inputs instead.
+
+**Fast weights** (:class:`FastWeights`) are a mapping ``{name: [B, *shape]}`` over the adapted
+module's parameters that also knows how to apply itself: ``forward(h)`` on the module's inputs,
+``predict(x)`` on feature rows, ``detach()`` and ``task_mean(name)``; the algorithms never look
+at their type (:mod:`~metarec_runner.algos.inner_loop` makes them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +34,37 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 Params = dict[str, Tensor]
+
+#: hand-written per-task versions of a module's forward (see :func:`has_exact_fast_path`)
+FAST_PATHS = ("forward_batched", "forward_rest", "lookup")
+
+
+def has_exact_fast_path(module: nn.Module, method: str | None = None) -> bool:
+    """Whether the batched core may run ``module`` through its hand-written fast paths.
+
+    A fast path of :data:`FAST_PATHS` is written for the ``forward`` of the class that defines
+    it, so it is trusted only while ``type(module).forward`` is that class's ``forward``; a
+    subclass that overrides ``forward`` alone is trained through ``functional_call`` on its own
+    forward. A class opts in (or out) explicitly with ``exact_fast_path = True`` (``False``) in
+    its own class body (read from ``type(module).__dict__``, so never inherited). Every
+    submodule must pass too; one without fast paths must be a ``torch`` built-in layer.
+
+    Args:
+        module: the module to run with per-task weights.
+        method: also require this fast path (e.g. ``forward_batched``) on ``module`` itself.
+    """
+    cls = type(module)
+    if method is not None and not callable(getattr(module, method, None)):
+        return False
+    declared = cls.__dict__.get("exact_fast_path")
+    if declared is not None:
+        own = bool(declared)
+    else:
+        owners = [next(c for c in cls.__mro__ if name in c.__dict__)
+                  for name in FAST_PATHS if hasattr(cls, name)]
+        own = (all(cls.forward is o.forward for o in owners) if owners
+               else cls.__module__.startswith("torch."))
+    return own and all(has_exact_fast_path(child) for child in module.children())
 
 
 def expand_params(
@@ -53,28 +94,87 @@ def expand_params(
     return out
 
 
-def batched_forward(module: nn.Module, params: Params, inputs: Tensor) -> Tensor:
-    """Run ``module`` once per task with that task's weights, as one vmapped computation.
+def batched_forward(
+    module: nn.Module, params: Mapping[str, Tensor], inputs: Tensor, hand_batched: bool | None = None
+) -> Tensor:
+    """Run ``module`` once per task with that task's weights, as one batched computation.
 
     Args:
         module: maps ``[L, ...]`` inputs to ``[L]`` scores.
         params: ``{name: [B, *shape]}`` per-task weights (all of ``module``'s parameters).
         inputs: ``[B, L, ...]`` per-task inputs.
+        hand_batched: run ``module.forward_batched(params, inputs)`` (hand-batched weights, e.g.
+            ``baddbmm``); None = where :func:`has_exact_fast_path` allows it. Otherwise (the
+            reference) ``vmap`` over ``functional_call`` on ``module``'s real forward.
 
     Returns:
         ``[B, L]`` scores.
-
-    A module may provide ``forward_batched(params, inputs)`` (hand-batched weights, e.g.
-    ``baddbmm``); it must equal the vmapped ``functional_call``, which is the fallback.
     """
-
-    if hasattr(module, "forward_batched"):
+    if hand_batched is None:
+        hand_batched = has_exact_fast_path(module, "forward_batched")
+    if hand_batched:
         return module.forward_batched(params, inputs)
 
     def one_task(p: Mapping[str, Tensor], x: Tensor) -> Tensor:
         return functional_call(module, dict(p), (x,))
 
-    return vmap(one_task, in_dims=(0, 0))(params, inputs)
+    return vmap(one_task, in_dims=(0, 0))(dict(params), inputs)
+
+
+class FastWeights(Mapping):
+    """Per-task fast weights of an adapted module for the ``B`` tasks of a batch.
+
+    As a mapping: ``{name: [B, *shape]}`` for every parameter of the module (explicit tensors;
+    a compact representation is materialised on access, for inspection and tests).
+
+    Attributes:
+        features: maps feature rows ``[B, L, F_all]`` to the module's inputs (``model.body``
+            with ``adapt: head``); None = the rows themselves.
+    """
+
+    features: Callable[[Tensor], Tensor] | None = None
+
+    def forward(self, h: Tensor) -> Tensor:
+        """Scores ``[B, L]`` of the module's inputs ``h [B, L, ...]`` with every task's weights."""
+        raise NotImplementedError
+
+    def predict(self, x: Tensor) -> Tensor:
+        """Scores ``[B, L]`` of feature rows ``x [B, L, F_all]``."""
+        return self.forward(x if self.features is None else self.features(x))
+
+    def detach(self) -> FastWeights:
+        """The same weights without a graph back to the model."""
+        raise NotImplementedError
+
+    def task_mean(self, name: str) -> Tensor:
+        """The mean over tasks of parameter ``name``'s fast weights, ``[*shape]``."""
+        return self[name].mean(0)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+class DenseFastWeights(FastWeights):
+    """Explicit per-task tensors ``params {name: [B, *shape]}`` of ``module``'s parameters, run
+    by :func:`batched_forward` (``hand_batched`` as there)."""
+
+    def __init__(self, module: nn.Module, params: Mapping[str, Tensor], hand_batched: bool | None = None,
+                 features: Callable[[Tensor], Tensor] | None = None) -> None:
+        self.module, self.params, self.hand_batched = module, dict(params), hand_batched
+        self.features = features
+
+    def forward(self, h: Tensor) -> Tensor:
+        return batched_forward(self.module, self.params, h, self.hand_batched)
+
+    def detach(self) -> DenseFastWeights:
+        return DenseFastWeights(self.module, {n: p.detach() for n, p in self.params.items()},
+                                self.hand_batched, self.features)
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.params[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.params)
 
 
 LOSSES = ("mse", "bce")
@@ -141,6 +241,7 @@ def inner_loop(
     steps: int,
     create_graph: bool,
     loss: str = "mse",
+    forward: Callable[[Params, Tensor], Tensor] | None = None,
 ) -> tuple[Params, list[Tensor]]:
     """``steps`` SGD steps on every task's support loss, all tasks at once.
 
@@ -154,272 +255,28 @@ def inner_loop(
         create_graph: keep the updates differentiable (second order); False = first order
             (gradients are constants, so the meta-gradient skips the Hessian terms).
         loss: ``mse`` or ``bce`` (see :func:`pointwise_loss`).
+        forward: ``forward(params, inputs) -> [B, S]`` scores with per-task weights; None =
+            :func:`batched_forward` on ``module``.
 
     Returns:
         ``(adapted params, [per-task support loss [B] before each step])``.
     """
+    if forward is None:
+        hand_batched = has_exact_fast_path(module, "forward_batched")
+
+        def forward(p: Params, h: Tensor) -> Tensor:
+            return batched_forward(module, p, h, hand_batched)
+
     losses: list[Tensor] = []
     names = list(params)
     weights = row_weights(mask, target.dtype)
     for _ in range(steps):
-        pred = batched_forward(module, params, inputs)
+        pred = forward(params, inputs)
         task_loss = (pointwise_loss(pred, target, loss) * weights).sum(-1)
         grads = torch.autograd.grad(
             task_loss.sum(), [params[n] for n in names], create_graph=create_graph
         )
         losses.append(task_loss.detach())
         step_lr = lr if isinstance(lr, Mapping) else dict.fromkeys(names, lr)
-        params = {n: _sgd(params[n], g, step_lr[n]) for n, g in zip(names, grads)}
+        params = {n: _sgd(params[n], g, step_lr[n]) for n, g in zip(names, grads, strict=True)}
     return params, losses
-
-
-# -- exact fast path: a first Linear layer on inputs that do not adapt -------------------------
-
-
-def has_fixed_input_path(module: nn.Module) -> bool:
-    """Whether ``module`` offers :func:`fixed_input_inner_loop`'s protocol.
-
-    The module must name its first layer, an ``nn.Linear`` applied to the module's input, as
-    ``first_linear_name`` and run everything after it with per-task weights in
-    ``forward_rest(params, z [B, L, H]) -> [B, L]`` (``params`` as in :func:`batched_forward`).
-    """
-    name = getattr(module, "first_linear_name", None)
-    return (
-        isinstance(name, str)
-        and callable(getattr(module, "forward_rest", None))
-        and isinstance(module.get_submodule(name), nn.Linear)
-    )
-
-
-def fixed_input_pays_off(module: nn.Module, support_len: int, steps: int) -> bool:
-    """Whether :func:`fixed_input_inner_loop` takes fewer multiply-adds than :func:`inner_loop`.
-
-    Per task, with ``S = support_len`` and a first layer ``D -> H``: explicit per-task weights
-    cost ``2 K S D H`` (forward and weight gradient each step); the kernel form costs
-    ``S D H + S^2 D + (K - 1) S^2 H`` (step-0 outputs, the Gram matrix, its updates; no Gram
-    matrix for ``K = 1``). The kernel form wins unless support sets are long (``S`` of the
-    order of ``D``), where it would also hold a ``[B, S, S]`` matrix.
-    """
-    layer = module.get_submodule(module.first_linear_name)
-    d, h, s = layer.in_features, layer.out_features, support_len
-    kernel = s * d * h + (s * s * d + (steps - 1) * s * s * h if steps > 1 else 0)
-    return kernel <= 2 * steps * s * d * h
-
-
-def _support_kernel(x: Tensor, support: Tensor, bias: bool) -> Tensor:
-    """``x support^T (+ 1 if bias)``: ``x [B, L, D]``, ``support [B, S, D]`` -> ``[B, L, S]``."""
-    if bias:
-        return torch.baddbmm(x.new_ones(1, 1, 1), x, support.transpose(1, 2))
-    return torch.bmm(x, support.transpose(1, 2))
-
-
-@dataclass
-class FixedInputFastWeights:
-    """Per-task fast weights whose first Linear layer is kept in kernel form.
-
-    After SGD steps with a scalar step size ``lr`` on a first layer ``z = x W^T + c`` whose input
-    does not adapt, task ``b``'s weight is ``W - lr * coef[b]^T support[b]`` and its bias
-    ``c - lr * coef[b].sum(0)``, where ``coef[b]`` is the sum over steps of the support loss's
-    gradients w.r.t. ``z`` (zero on padded rows). So on any inputs ``x[b]`` the adapted layer gives
-    ``x[b] W^T + c - lr * (x[b] support[b]^T + 1) coef[b]``, with no per-task ``[H, D]`` matrix.
-
-    Attributes:
-        module: the adapted module (see :func:`has_fixed_input_path`).
-        weight: ``[H, D]`` the first layer's initial (shared) weight; bias ``[H]`` or None.
-        support: ``[B, S, D]`` the support inputs the updates were computed on.
-        coef: ``[B, S, H]`` summed first-layer output gradients (zeros before any step).
-        lr: the inner step size.
-        rest: ``{name: [B, *shape]}`` fast weights of every other parameter.
-    """
-
-    module: nn.Module
-    weight: Tensor
-    bias: Tensor | None
-    support: Tensor
-    coef: Tensor
-    lr: float
-    rest: Params
-
-    def first_layer(self, x: Tensor) -> Tensor:
-        """Adapted first-layer outputs ``[B, L, H]`` for inputs ``x [B, L, D]``."""
-        z = F.linear(x, self.weight, self.bias)  # shared initial weights: one flat GEMM
-        kernel = _support_kernel(x, self.support, self.bias is not None)
-        return torch.baddbmm(z, kernel, self.coef, alpha=-self.lr)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Scores ``[B, L]`` for inputs ``x [B, L, D]`` with every task's adapted weights."""
-        return self.module.forward_rest(self.rest, self.first_layer(x))
-
-    def materialize(self) -> Params:
-        """All fast weights as explicit ``{name: [B, *shape]}`` tensors (see
-        :func:`batched_forward`); costs one ``[B, H, S] x [B, S, D]`` bmm."""
-        name = self.module.first_linear_name
-        batch, (hidden, width) = self.coef.shape[0], self.weight.shape
-        weight = torch.baddbmm(
-            self.weight.expand(batch, hidden, width), self.coef.transpose(1, 2), self.support,
-            alpha=-self.lr,
-        )
-        out = {f"{name}.weight": weight}
-        if self.bias is not None:
-            out[f"{name}.bias"] = self.bias - self.lr * self.coef.sum(1)
-        out.update(self.rest)
-        return {n: out[n] for n, _ in self.module.named_parameters()}
-
-
-def fixed_input_inner_loop(
-    module: nn.Module,
-    inputs: Tensor,
-    target: Tensor,
-    mask: Tensor,
-    lr: float,
-    steps: int,
-    create_graph: bool,
-    detach: bool = False,
-    loss: str = "mse",
-) -> tuple[FixedInputFastWeights, list[Tensor]]:
-    """:func:`inner_loop` from the module's own weights, exact, for modules whose first layer is
-    a Linear on the (non-adapted) inputs and a scalar step size.
-
-    The first layer's support outputs ``z [B, S, H]`` start as one flat GEMM with the shared
-    weights and move by ``z <- z - lr * K delta`` per step, with ``delta = dloss/dz`` and the
-    per-task kernel ``K = support support^T + 1`` ``[B, S, S]`` (computed once): the same
-    numbers as updating ``W`` and ``c`` and recomputing ``z``, in ``S^2 H`` instead of
-    ``2 S D H`` multiply-adds per step, and no per-task ``[H, D]`` weights.
-
-    Args:
-        module: see :func:`has_fixed_input_path`.
-        inputs: ``[B, S, D]`` support inputs; target ``[B, S]``; mask ``[B, S]``.
-        lr: scalar step size.
-        steps: number of inner steps ``K``.
-        create_graph: second order (see :func:`inner_loop`); in first order the first layer's
-            updates ``coef^T support`` are constants, so ``support`` is detached.
-        detach: start from detached copies (see :func:`expand_params`).
-        loss: ``mse`` or ``bce`` (see :func:`pointwise_loss`).
-
-    Returns:
-        ``(fast weights, [per-task support loss [B] before each step])``.
-    """
-    layer = module.get_submodule(module.first_linear_name)
-    names = {f"{module.first_linear_name}.{n}" for n, _ in layer.named_parameters()}
-    weight, bias = layer.weight, layer.bias
-    if detach:
-        weight = weight.detach()
-        bias = bias.detach() if bias is not None else None
-        inputs = inputs.detach()
-    rest = expand_params(module, inputs.shape[0], detach=detach, skip=names)
-    rest_names = list(rest)
-    support = inputs if create_graph else inputs.detach()
-    z = F.linear(inputs, weight, bias)  # [B, S, H]: all tasks share step 0's weights
-    if not z.requires_grad:  # detached start: z is the leaf the inner gradients are taken at
-        z.requires_grad_(True)
-    kernel = _support_kernel(support, support, bias is not None) if steps > 1 else None
-    weights = row_weights(mask, target.dtype)
-    coef: Tensor | None = None
-    losses: list[Tensor] = []
-    for step in range(steps):
-        pred = module.forward_rest(rest, z)
-        task_loss = (pointwise_loss(pred, target, loss) * weights).sum(-1)
-        delta, *grads = torch.autograd.grad(
-            task_loss.sum(), [z, *(rest[n] for n in rest_names)], create_graph=create_graph
-        )
-        losses.append(task_loss.detach())
-        rest = {n: _sgd(rest[n], g, lr) for n, g in zip(rest_names, grads)}
-        coef = delta if coef is None else coef + delta
-        if step + 1 < steps:
-            z = torch.baddbmm(z, kernel, delta, alpha=-lr)
-    if coef is None:  # no steps
-        coef = torch.zeros_like(z)
-    fast = FixedInputFastWeights(module, weight, bias, support, coef, float(lr), rest)
-    return fast, losses
-
-
-# -- first-order single step on packed rows: every task starts from the same weights -----------
-
-
-def has_packed_first_step(module: nn.Module) -> bool:
-    """Whether ``module`` can take :func:`packed_first_order_step`: the fixed-input protocol
-    (:func:`has_fixed_input_path`) on a plain MLP, ``module.net`` an ``nn.Sequential`` of
-    ``Linear`` layers and ReLUs whose first layer is ``first_linear_name`` and whose output is
-    ``net(h).squeeze(-1)``."""
-    net = getattr(module, "net", None)
-    return (
-        has_fixed_input_path(module)
-        and isinstance(net, nn.Sequential)
-        and module.first_linear_name == "net.0"
-        and all(isinstance(layer, (nn.Linear, nn.ReLU)) for layer in net)
-        and isinstance(net[-1], nn.Linear) and net[-1].out_features == 1
-        and all(layer.bias is not None for layer in net if isinstance(layer, nn.Linear))
-    )
-
-
-def packed_first_order_step(
-    module: nn.Module,
-    support: Tensor,
-    target: Tensor,
-    mask: Tensor,
-    lr: float,
-    loss: str = "mse",
-) -> tuple[FixedInputFastWeights, list[Tensor]]:
-    """:func:`fixed_input_inner_loop` for one first-order step (``steps=1``,
-    ``create_graph=False``, not detached), computed on the packed real support rows.
-
-    Before the first step every task has the module's own weights, so the support forward pass
-    is one flat pass over the ``N`` real rows with shared weights (no padded rows, no per-task
-    weights), and first order needs no graph through it. Per-task gradients then come from the
-    per-row gradients of every Linear layer's output ``g [N, out]`` and its input ``a [N, in]``:
-    task ``b``'s weight gradient is ``sum over its rows of g^T a`` (a bmm over the rows put
-    back into the padded layout ``[B, S, .]``), its bias gradient the sum of ``g``; the first
-    layer keeps its kernel form (``coef`` = the padded output gradients). The same numbers as
-    :func:`fixed_input_inner_loop`, in fewer multiply-adds: padding costs only those bmms.
-
-    Args:
-        module: see :func:`has_packed_first_step`.
-        support: ``[B, S, D]`` padded support inputs (zeros on padding); target ``[B, S]``;
-            mask ``[B, S]``.
-        lr: scalar step size.
-        loss: ``mse`` or ``bce``.
-
-    Returns:
-        ``(fast weights, [per-task support loss [B] before the step])``.
-    """
-    net = module.net
-    first = net[0]
-    batch, length = mask.shape
-    support = support.detach()
-    rows = support[mask]  # [N, D] real rows, task-major
-    weights = row_weights(mask, target.dtype)[mask]  # [N] 1 / n_task
-    with torch.enable_grad():
-        z = F.linear(rows, first.weight.detach(), first.bias.detach()).requires_grad_(True)
-        h, taps = z, []  # taps: (layer index, its input [N, in], its output [N, out])
-        for i, layer in enumerate(net):
-            if i == 0:
-                continue
-            if isinstance(layer, nn.Linear):
-                a = h
-                h = F.linear(a, layer.weight.detach(), layer.bias.detach())
-                taps.append((i, a.detach(), h))
-            else:
-                h = layer(h)
-        row_loss = pointwise_loss(h.squeeze(-1), target[mask], loss) * weights  # [N]
-        delta, *grads = torch.autograd.grad(row_loss.sum(), [z, *(out for _, _, out in taps)])
-    task_loss = torch.zeros(batch, dtype=row_loss.dtype, device=row_loss.device)
-    task_loss.index_put_((mask.nonzero()[:, 0],), row_loss.detach(), accumulate=True)
-
-    def padded(values: Tensor) -> Tensor:  # [N, k] -> [B, S, k], zeros on padding
-        out = values.new_zeros(batch, length, values.shape[-1])
-        return out.index_put_((mask,), values)
-
-    rest: Params = {}
-    for (i, a, _), g in zip(taps, grads):
-        layer = net[i]
-        g_pad = padded(g)
-        if layer.out_features == 1:  # [B, 1, in]: the sum over a task's rows of g * a
-            g_weight = (g_pad * padded(a)).sum(1, keepdim=True)
-        else:
-            g_weight = torch.bmm(g_pad.transpose(1, 2), padded(a))  # [B, out, in]
-        for name, grad in ((f"net.{i}.weight", g_weight), (f"net.{i}.bias", g_pad.sum(1))):
-            param = module.get_parameter(name)
-            rest[name] = torch.add(param.unsqueeze(0).expand(batch, *param.shape), grad, alpha=-lr)
-    fast = FixedInputFastWeights(module, first.weight, first.bias, support, padded(delta),
-                                 float(lr), rest)
-    return fast, [task_loss]

@@ -39,7 +39,7 @@ class MAML(SupportSGD):
             overhead; 2 was fastest for 32 tasks with 20-90 support rows (1 = no split).
             Ignored (one group) where the packed first-order step applies (``first_order``,
             one inner step, MLP head: its support pass has no padding).
-        touched_rows, loss, aux_loss, aux_weight: see :class:`SupportSGD`.
+        touched_rows, loss, aux_loss, aux_weight, check_fast_path: see :class:`SupportSGD`.
     """
 
     def __init__(
@@ -56,12 +56,17 @@ class MAML(SupportSGD):
         loss: str = "mse",
         aux_loss: str = "none",
         aux_weight: float = 0.0,
+        check_fast_path: bool = False,
     ) -> None:
         super().__init__(model, meta_optimizer, adapt, inner_lr, inner_steps, eval_inner_steps,
-                         touched_rows, loss, aux_loss, aux_weight)
+                         touched_rows, loss, aux_loss, aux_weight, check_fast_path)
         require_positive("chunks", chunks)
         self.first_order = bool(first_order)
         self.chunks = int(chunks)
+
+    def packs_first_order_step(self) -> bool:
+        """One first-order inner step: the ``packed_first_order`` inner loop where it applies."""
+        return self.first_order and self.inner_steps == 1
 
     def meta_loss(self, batch: TaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mean query loss after adaptation, mean support loss before it)``; differentiable.
@@ -72,9 +77,10 @@ class MAML(SupportSGD):
         query_loss = support_loss = None
         lr = self.step_sizes()
         create_graph = not self.first_order
+        self.verify_inner_loop("meta", batch, lr, self.inner_steps, create_graph, detach=False)
         # the packed first-order step pads nothing in its support pass: grouping would only cost
-        chunks = 1 if self.uses_packed_first_step(lr, self.inner_steps, create_graph) else self.chunks
-        for part in split_by_support_size(batch, chunks):
+        groups = self.inner_loop.groups_pay_off(lr, self.inner_steps, create_graph)
+        for part in split_by_support_size(batch, self.chunks if groups else 1):
             pred, inner_losses = self.adapt_and_score(part, lr, self.inner_steps, create_graph)
             q = masked_loss(pred, part.query_y, part.query_mask, self.loss).sum()
             s = inner_losses[0].sum()

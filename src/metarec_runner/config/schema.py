@@ -93,6 +93,7 @@ SCHEMA: dict[str, Spec] = {
     "algo.chunks": Int(1, example=2),
     "algo.first_order": Bool(),
     "algo.touched_rows": Bool(),
+    "algo.check_fast_path": Bool(),
     "algo.loss": Choice(*LOSSES),
     "algo.aux_loss": Choice(*AUX_LOSSES),
     "algo.aux_weight": Number(ge=0, example=0.1),

@@ -8,7 +8,8 @@ as ``0.5 * sum_f ((sum_i v_if x_i)^2 - sum_i v_if^2 x_i^2)`` in ``O(k n)``. The 
 one more feature whose id was never trained: its weight ``w_u`` and factor ``v_u`` start from
 meta-learned values (a :class:`~metarec_runner.models.fields.UserVectorHead`), so
 ``score(x) = fm(x) + w_u + <v_u, sum_i v_i x_i>``; ``adapt: head`` adapts ``v_u`` and ``w_u`` (with
-``w0`` folded into its bias), ``adapt: all`` every weight.
+``w0`` folded into its bias), ``adapt: all`` every weight (the factor and weight tables on the
+rows each support set reads with ``algo.touched_rows``).
 """
 
 from __future__ import annotations
@@ -59,10 +60,8 @@ class FactorizationMachine(nn.Module):
         chosen = resolve_fields(schema, fields)
         self.factors = FieldEmbedding(schema, chosen, embedding_dim, init_std)
         self.linear = FieldEmbedding(schema, chosen, 1, init_std=0.0)
-        self.register_buffer(
-            "item_columns", self.factors.column_mask(chosen if item_fields is None else resolve_item_fields(schema, item_fields)),
-            persistent=False,
-        )
+        items = chosen if item_fields is None else resolve_item_fields(schema, item_fields)
+        self.register_buffer("item_columns", self.factors.column_mask(items), persistent=False)
         self.head = UserVectorHead(embedding_dim, bias=rating_mean, init_std=init_std)
 
     @property
@@ -75,8 +74,7 @@ class FactorizationMachine(nn.Module):
 
     def _fm(self, x: Tensor, factors: Tensor | None, linear: Tensor | None) -> Tensor:
         """``[..., k + 1]``: ``sum_i v_i x_i`` and the FM score without ``w0``."""
-        emb, values = self.factors.lookup(x, factors)  # [..., C, k], [..., C]
-        weighted = emb * values.unsqueeze(-1)
+        weighted = self.factors.weighted(x, factors)  # [..., C, k]: v_i x_i
         total = weighted.sum(-2)  # [..., k]
         pair = 0.5 * (total.square() - weighted.square().sum(-2)).sum(-1)
         lin = self.linear.pooled(x, linear).squeeze(-1)

@@ -7,7 +7,8 @@ every user starts from the same meta-learned weights and adapts them all on its 
 ``score(x) = b + sum_i w_i x_i`` over the tokens of the chosen fields (one-hot; each of a bag's
 ``n`` tokens has value ``1/n``). A linear model has no representation to share, so its ``body`` is
 the identity on the feature rows and its ``head`` is the whole model: ``adapt: head`` and
-``adapt: all`` adapt the same weights. It has no item embeddings (its per-token weights are
+``adapt: all`` adapt the same weights (per task only the token weights its support set reads,
+with ``algo.touched_rows``). It has no item embeddings (its per-token weights are
 scalars), so metric algorithms refuse it.
 """
 

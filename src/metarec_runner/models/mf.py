@@ -11,7 +11,8 @@ information as in SVDFeature, Chen et al. JMLR 2012; ``[item_id]`` = classic MF)
 user-id table: a new user's id was never trained, so every user starts from the same
 meta-learned ``u`` and ``b_u`` (the :class:`~metarec_runner.models.fields.UserVectorHead`) and
 ``adapt: head`` moves exactly those by SGD on its support set; item factors stay shared.
-``adapt: all`` also gives every task its own copy of the item tables.
+``adapt: all`` also adapts the item tables per task: on the rows each support set reads
+(``algo.touched_rows``, the default: ``models.fields.RowSparseTable``), or full per-task copies.
 """
 
 from __future__ import annotations

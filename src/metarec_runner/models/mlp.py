@@ -10,7 +10,8 @@ every chosen field (ids and side features) into one shared ``d``-space and *sums
 averaged) into a single ``d``-vector, which a per-user gate ``g [d]`` scales element-wise before
 the MLP: ``score(x) = MLP(g * sum_i e_i x_i)``. The gate is the user's own vector (meta-learned
 start, no user-id table); ``adapt: head`` adapts the gate and the MLP, ``adapt: all`` also the
-embedding table. The input width does not grow with the number of fields.
+embedding table (on the rows each support set reads, with ``algo.touched_rows``). The input
+width does not grow with the number of fields.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from metarec_runner.data.interactions import FeatureSchema
 from metarec_runner.errors import ConfigError, require_positive
+from metarec_runner.models.fields import FieldEmbedding
 
 #: rows from which :meth:`PreferenceEstimator.body` pools bags with ``embedding_bag`` (measured
 #: crossover on ML-100K rows with two bag fields, 1 CPU thread: about 100 rows)
@@ -101,6 +102,9 @@ class PreferenceEstimator(nn.Module):
         fields: fields to use; ``None`` = every side feature plus ``item_id`` (user ids are
             useless for new users, so they are left out by default).
         rating_mean: initial output bias (the training ratings' mean speeds up training).
+
+    The table is a :class:`~metarec_runner.models.fields.FieldEmbedding` (bags summed), so
+    ``adapt: all`` can adapt each task's touched rows only (``algos.touched``).
     """
 
     #: capabilities (``algos.compat``): scores rows, body/head split, item embeddings (its body)
@@ -125,51 +129,31 @@ class PreferenceEstimator(nn.Module):
             raise ConfigError(
                 "fields", f"unknown or empty field list {list(fields)}; choose from {', '.join(schema.names)}"
             )
-        idx = [schema.index(f) for f in fields]
-        cards = torch.tensor([schema.cardinalities[i] for i in idx])
-        field_offsets = torch.zeros(len(idx), dtype=torch.long)
-        field_offsets[1:] = torch.cumsum(cards, 0)[:-1]
-        # one table for all fields; a bag field spans several row columns (padded with -1)
-        columns, column_field = [], []
-        for j, f in enumerate(fields):
-            cols = list(schema.columns(f))
-            columns += cols
-            column_field += [j] * len(cols)
         self.fields = tuple(fields)
-        self.has_bags = len(columns) > len(fields)
-        self.register_buffer("field_index", torch.tensor(columns, dtype=torch.long), persistent=False)
-        self.register_buffer("field_offset", field_offsets[column_field], persistent=False)
-        bag_sum = torch.zeros(len(fields), len(columns))
-        bag_sum[column_field, torch.arange(len(columns))] = 1.0
-        self.register_buffer("bag_sum", bag_sum, persistent=False)
-        # column spans for forward_rows: runs of single-column fields, and one span per bag field
+        # one table for all fields; a bag field spans several row columns (padded with -1).
+        # init_std=1 then std 0.1: the random draws of nn.Embedding's init followed by normal_
+        self.embedding = FieldEmbedding(schema, self.fields, embedding_dim, init_std=1.0, bag="sum")
+        nn.init.normal_(self.embedding.weight, std=0.1)
+        column_field = self.embedding.column_field
+        # column spans: runs of single-column fields, and one span per bag field
         spans: list[tuple[int, int, bool]] = []
-        for j, f in enumerate(fields):
+        for j in range(len(self.fields)):
             start, width = column_field.index(j), column_field.count(j)
             if width == 1 and spans and not spans[-1][2] and spans[-1][1] == start:
                 spans[-1] = (spans[-1][0], start + 1, False)
             else:
                 spans.append((start, start + width, width > 1))
         self.field_spans = tuple(spans)
-        self.embedding = nn.Embedding(int(cards.sum()), embedding_dim)
-        nn.init.normal_(self.embedding.weight, std=0.1)
-        self.head = MLPHead(len(idx) * embedding_dim, list(hidden), output_bias=rating_mean)
+        self.head = MLPHead(len(self.fields) * embedding_dim, list(hidden), output_bias=rating_mean)
 
-    def _codes(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Table rows ``[..., C]`` for the selected columns, and the bag padding mask (or None)."""
-        raw = x.index_select(-1, self.field_index)
-        if not self.has_bags:
-            return raw + self.field_offset, None
-        present = raw >= 0
-        return raw.clamp_min(0) + self.field_offset, present
-
-    def _pool(self, emb: Tensor, present: Tensor | None) -> Tensor:
-        """Column embeddings ``[..., C, d]`` -> one vector per field (bags summed), flattened
-        to ``[..., F*d]``."""
-        if present is None:
+    def _concat(self, emb: Tensor) -> Tensor:
+        """Weighted column embeddings ``[..., C, d]`` (zeros on bag padding) -> one vector per
+        field (bags summed over their column span), flattened to ``[..., F*d]``."""
+        if not self.embedding.has_bags:
             return emb.flatten(-2)
-        emb = emb * present.unsqueeze(-1).to(emb.dtype)
-        return torch.matmul(self.bag_sum.to(emb.dtype), emb).flatten(-2)
+        parts = emb.split([b - a for a, b, _ in self.field_spans], dim=-2)
+        return torch.cat([part.sum(-2, keepdim=True) if bag else part
+                          for part, (_, _, bag) in zip(parts, self.field_spans, strict=True)], -2).flatten(-2)
 
     def body(self, x: Tensor) -> Tensor:
         """Feature rows ``x [..., C_all]`` (LongTensor) -> concatenated field embeddings
@@ -177,19 +161,20 @@ class PreferenceEstimator(nn.Module):
 
         From :data:`FUSED_BAG_MIN_ROWS` rows on, runs of single-token fields are one lookup and
         each bag field one fused ``embedding_bag`` (gather and sum, bag padding weighted 0):
-        several times faster on CPU than looking up every column and pooling with
-        :attr:`bag_sum`, which has less fixed cost and stays the path for a few rows (the
-        same numbers either way)."""
-        codes, present = self._codes(x)
-        if present is None or codes.numel() < FUSED_BAG_MIN_ROWS * codes.shape[-1]:
-            return self._pool(self.embedding(codes), present)
-        lead, weight = codes.shape[:-1], self.embedding.weight
-        codes, present = codes.reshape(-1, codes.shape[-1]), present.reshape(-1, codes.shape[-1])
+        several times faster on CPU than looking up every column and summing the spans, which
+        has less fixed cost and stays the path for a few rows (the same numbers either way)."""
+        codes, values = self.embedding.codes(x)
+        weight = self.embedding.weight
+        if not self.embedding.has_bags or codes.numel() < FUSED_BAG_MIN_ROWS * codes.shape[-1]:
+            emb = F.embedding(codes, weight)
+            return self._concat(emb * values.unsqueeze(-1) if self.embedding.has_bags else emb)
+        lead = codes.shape[:-1]
+        codes, values = codes.reshape(-1, codes.shape[-1]), values.reshape(-1, codes.shape[-1])
         parts = []
         for start, end, bag in self.field_spans:
             block = codes[:, start:end]
             if bag:
-                keep = present[:, start:end].to(weight.dtype)
+                keep = values[:, start:end]
                 parts.append(F.embedding_bag(block, weight, mode="sum", per_sample_weights=keep))
             else:
                 parts.append(F.embedding(block, weight).flatten(-2))
@@ -198,7 +183,7 @@ class PreferenceEstimator(nn.Module):
     @property
     def item_embedding_dim(self) -> int:
         """Size of :meth:`item_embedding`: ``F * d`` (every field's embedding)."""
-        return int(self.embedding.embedding_dim) * len(self.fields)
+        return self.embedding.dim * len(self.fields)
 
     def item_embedding(self, x: Tensor) -> Tensor:
         """Item embeddings ``[..., F*d]`` of rows ``x [..., F_all]``: the whole :meth:`body`,
@@ -211,41 +196,7 @@ class PreferenceEstimator(nn.Module):
 
     def forward_batched(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
         """Per-task weights for every parameter: ``params[name] [B, *shape]``, ``x [B, L, F_all]``
-        -> ``[B, L]``. The embedding lookup gathers from each task's own table."""
-        codes, present = self._codes(x)  # [B, L, C]
-        table = params["embedding.weight"]  # [B, V, d]
-        task = torch.arange(x.shape[0], device=x.device).view(-1, 1, 1)
-        h = self._pool(table[task, codes], present)  # [B, L, F*d]
-        return self.head.forward_batched(params, h, prefix="head.")
-
-    # -- touched-row adaptation (algos.touched): per-task tables of the rows a task reads --------
-    #: the parameter whose rows are gathered per task
-    table_name = "embedding.weight"
-
-    def table_rows(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Rows of :attr:`table_name` that feature rows ``x [..., F_all]`` read.
-
-        Returns:
-            ``(codes [..., C], present [..., C] bool or None)``: one table row per column;
-            ``present`` is False on bag padding (those columns contribute nothing).
-        """
-        return self._codes(x)
-
-    def forward_rows(self, params: dict[str, Tensor], emb: Tensor, keep: Tensor | None) -> Tensor:
-        """Scores from looked-up column embeddings, with per-task head weights.
-
-        Args:
-            params: ``{"head.<name>": [B, *shape]}`` per-task head weights.
-            emb: ``[B, L, C, d]`` the embedding of every column of every row.
-            keep: ``[B, L, C]`` bool or None; False columns contribute nothing.
-
-        Returns:
-            ``[B, L]``; with ``emb`` gathered from the table this is :meth:`forward_batched`.
-        """
-        if keep is not None:
-            emb = emb * keep.unsqueeze(-1).to(emb.dtype)
-        if self.has_bags:  # sums over each bag's column span (cheaper than the bag_sum matmul)
-            spans = emb.split([b - a for a, b, _ in self.field_spans], dim=-2)
-            emb = torch.cat([part.sum(-2, keepdim=True) if bag else part
-                             for part, (_, _, bag) in zip(spans, self.field_spans)], -2)
-        return self.head.forward_batched(params, emb.flatten(-2), prefix="head.")
+        -> ``[B, L]``. The embedding lookup gathers from each task's own table (``[B, V, d]``,
+        or its touched rows: :class:`~metarec_runner.models.fields.RowSparseTable`)."""
+        emb = self.embedding.weighted(x, params["embedding.weight"])
+        return self.head.forward_batched(params, self._concat(emb), prefix="head.")
