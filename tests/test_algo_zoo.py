@@ -3,12 +3,12 @@ auxiliary support loss equal their per-task / full-table / hand-written referenc
 
 from __future__ import annotations
 
+import copy
 import functools
 import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from torch.func import functional_call
 
@@ -72,10 +72,10 @@ def test_metasgd_meta_gradients_equal_per_task_loop(scope, first_order, steps):
     algo = MetaSGD(model, SGD, adapt=scope, inner_lr=0.3, inner_steps=steps,
                    first_order=first_order)
     with torch.no_grad():  # distinct step sizes per entry, so a wrong gather would show
-        for a in algo.step_size.values():
-            a.mul_(torch.rand_like(a) + 0.5)
+        for a in algo.step_sizes.parameters():
+            a.add_((torch.rand_like(a) + 0.5).log())
     batch = _batch(bags=scope == "all")
-    params = [*model.parameters(), *algo.step_size.values()]
+    params = [*model.parameters(), *algo.step_sizes.parameters()]
     loss, _ = algo.meta_loss(batch)
     reference = per_task_meta_loss(algo, batch, algo.step_sizes(), steps, first_order)
     assert abs(_f(loss - reference)) < TOL
@@ -89,16 +89,19 @@ def test_metasgd_meta_gradients_equal_per_task_loop(scope, first_order, steps):
 def test_metasgd_step_sizes_shapes_training_and_state():
     model = _model()
     algo = MetaSGD(model, SGD, adapt="head", inner_lr=0.2, inner_steps=2)
-    assert set(algo.step_size) == {n for n, _ in model.head.named_parameters()}
+    assert isinstance(algo.step_sizes, torch.nn.Module)
+    rates = algo.rates()
+    assert set(rates) == {n for n, _ in model.head.named_parameters()}
     for n, p in model.head.named_parameters():
-        assert algo.step_size[n].shape == p.shape and torch.all(algo.step_size[n] == 0.2)
+        assert rates[n].shape == p.shape and torch.allclose(rates[n], torch.tensor(0.2).double())
     batch = _batch()
     assert not algo.uses_fixed_input_path(algo.step_sizes(), batch.support_x.shape[1], 2)
-    state = algo.state_dict()
+    state = copy.deepcopy(algo.state_dict())
     algo.meta_step(batch)
-    assert any(not torch.all(a == 0.2) for a in algo.step_size.values())  # learned
+    assert any(not torch.allclose(a, state_a) for a, state_a in
+               zip(algo.step_sizes.state_dict().values(), state["step_sizes"].values()))  # learned
     algo.load_state_dict(state)
-    assert all(torch.all(a == 0.2) for a in algo.step_size.values())
+    assert all(torch.allclose(a, torch.tensor(0.2).double()) for a in algo.rates().values())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     algo.adapt(batch).predict(batch.query_x)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
@@ -256,8 +259,9 @@ def test_aux_support_loss_adds_its_weighted_gradient(cls, extra):
 
 def test_reptile_aux_gradient_is_added_to_the_reptile_step():
     batch = _batch()
-    algos = [Reptile(_model(), functools.partial(torch.optim.SGD, lr=1.0), adapt="head",
-                     inner_lr=0.2, inner_steps=2, aux_loss="support", aux_weight=weight)
+    sgd = functools.partial(torch.optim.SGD, lr=1.0)
+    algos = [Reptile(_model(), sgd, adapt="head", inner_lr=0.2, inner_steps=2,
+                     aux_loss="support", aux_weight=weight, body_optimizer=sgd)
              for weight in (0.5, 0.0)]
     theta = [p.detach().clone() for p in algos[0].model.parameters()]
     model = _model()

@@ -36,7 +36,8 @@ def per_task_meta_loss(
     Args:
         algo: supplies the model, the adaptation scope and the inputs.
         batch: ``B`` padded tasks.
-        lr: scalar step size, or ``{name: step sizes shaped like the parameter}`` (Meta-SGD).
+        lr: scalar step size, or ``{name: step sizes shaped like the parameter}`` (Meta-SGD:
+            ``algo.step_sizes()``, differentiable w.r.t. its log-rates).
         steps: inner steps; first_order: drop second-order terms.
         loss: ``mse`` or ``bce`` (see ``functional.pointwise_loss``), inner and outer.
         aux_weight: adds ``aux_weight`` times the mean over tasks of the base model's support
@@ -71,7 +72,10 @@ def per_task_meta_loss(
 def per_task_reptile_gradients(algo: SupportSGD, batch: TaskBatch) -> Tensor:
     """Reptile's outer "gradients", one task at a time: sets ``.grad`` of every model parameter
     as :meth:`~metarec_runner.algos.reptile.Reptile.meta_gradients` does (full parameter tensors,
-    scalar step size, ``mse``, no auxiliary term).
+    scalar step size, ``mse``, no auxiliary term): ``theta - mean_b phi_b`` for the adapted
+    parameters, the gradient of the mean query loss at ``phi_b`` for the others. The outer step
+    itself (``meta_optimizer`` on the former at ``eps_t``, ``body_optimizer`` on the latter) is
+    not part of the reference.
 
     Returns:
         The mean query loss at the adapted weights (scalar).
@@ -80,7 +84,7 @@ def per_task_reptile_gradients(algo: SupportSGD, batch: TaskBatch) -> Tensor:
     names = [n for n, _ in module.named_parameters()]
     base = {n: p.detach() for n, p in module.named_parameters()}
     phi_sum = {n: torch.zeros_like(p) for n, p in base.items()}
-    algo.optimizer.zero_grad(set_to_none=True)
+    algo.model.zero_grad(set_to_none=True)  # both optimizers' parameters
     total = torch.zeros((), dtype=batch.support_y.dtype)
     for b in range(batch.size):
         s_n = int(batch.support_mask[b].sum())
