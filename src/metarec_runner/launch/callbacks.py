@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 FAILED_DIR = ".failed_jobs"  # in the sweep dir: one empty file per failed job (any process)
 COMPARISON_FILE = "sweep_comparison"  # .png and .csv, logged to the parent run
+KSHOT_FILE = "kshot_curve"  # the parent run's k-shot curve (sweeps with evaluator.shots)
 
 
 class MlflowSweepParent(Callback):
@@ -134,8 +135,8 @@ def log_sweep_comparison(tracking_uri: str, parent_run_id: str, out_dir: str | P
     """
     from mlflow.tracking import MlflowClient
 
-    from metarec_runner.report.compare import compare_table
-    from metarec_runner.report.plots import plot_comparison
+    from metarec_runner.report.compare import compare_table, shots_table
+    from metarec_runner.report.plots import plot_comparison, plot_kshot_curve
     from metarec_runner.report.store import available_metrics, collect_runs, swept_keys
 
     runs = collect_runs(tracking_uri, parent_run_id=parent_run_id)
@@ -150,6 +151,12 @@ def log_sweep_comparison(tracking_uri: str, parent_run_id: str, out_dir: str | P
     client = MlflowClient(tracking_uri)
     client.log_artifact(parent_run_id, str(png))
     client.log_artifact(parent_run_id, str(out / f"{COMPARISON_FILE}.csv"))
+    if any(c.startswith("test_k") and c.endswith(f"/{metric}") for c in runs.columns):
+        shots = shots_table(runs, metric, group_by=["algo"])  # the k-shot curve, per algo
+        curve = plot_kshot_curve(shots, out / f"{KSHOT_FILE}.png", metric)
+        shots.to_csv(out / f"{KSHOT_FILE}.csv", index=False)
+        client.log_artifact(parent_run_id, str(curve))
+        client.log_artifact(parent_run_id, str(out / f"{KSHOT_FILE}.csv"))
     return png
 
 

@@ -91,7 +91,7 @@ def plot_learning_curves(history: pd.DataFrame, path: str | Path,
     axes[0].set_xlabel("epoch")
     if train_cols:
         axes[0].legend(fontsize=8)
-    for ax, col in zip(axes[1:], val_cols):
+    for ax, col in zip(axes[1:], val_cols, strict=True):
         y = history[col].to_numpy(dtype=float)
         ax.plot(epochs, y, marker="o", ms=3, color="tab:green")
         ci = _ci(history, col)
@@ -125,10 +125,10 @@ def plot_few_shot_curve(frame: pd.DataFrame, path: str | Path,
     cols = cols[:MAX_PANELS]
     labels = [str(s) for s in frame["support_size"]]
     if "tasks" in frame.columns:
-        labels = [f"{s}\n(n={int(n)})" for s, n in zip(labels, frame["tasks"])]
+        labels = [f"{s}\n(n={int(n)})" for s, n in zip(labels, frame["tasks"], strict=True)]
     x = list(range(len(labels)))
     fig, axes = _figure(len(cols))
-    for ax, col in zip(axes, cols):
+    for ax, col in zip(axes, cols, strict=True):
         ax.errorbar(x, frame[col].to_numpy(dtype=float), yerr=_ci(frame, col), marker="o", capsize=4)
         ax.set_xticks(x, labels, fontsize=8)
         ax.set_title(f"test {col} by support size")
@@ -158,7 +158,7 @@ def _plot_long(frame: pd.DataFrame, path: str | Path, x: str, title: str, xlabel
                          f"(missing: {', '.join(sorted(missing)) or 'rows'})")
     names = [m for m in dict.fromkeys(frame["metric"]) if not metrics or m in metrics][:MAX_PANELS]
     fig, axes = _figure(len(names))
-    for ax, name in zip(axes, names):
+    for ax, name in zip(axes, names, strict=True):
         part = frame[frame["metric"] == name].sort_values(x)
         xs = part[x].to_numpy(dtype=float)
         mean = part["mean"].to_numpy(dtype=float)
@@ -224,7 +224,7 @@ def plot_comparison(table: pd.DataFrame, path: str | Path, metric: str,
     mean, lo, hi = comparison_bars(table, metric)
     has = ~np.isnan(lo)
     labels = []
-    for (_, row), with_ci in zip(table.iterrows(), has):
+    for (_, row), with_ci in zip(table.iterrows(), has, strict=True):
         text = ", ".join(str(row[k]) if len(keys) == 1 else f"{k}={row[k]}" for k in keys)
         notes = []
         if "n_seeds" in table.columns:
@@ -248,6 +248,38 @@ def plot_comparison(table: pd.DataFrame, path: str | Path, metric: str,
     over = " over seeds (Student's t)" if "n_seeds" in table.columns else ""
     ax.set_xlabel(f"test {metric}, mean ± 95% CI{over}{direction}")
     ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_kshot_curve(table: pd.DataFrame, path: str | Path, metric: str,
+                     title: str = "") -> Path:
+    """The k-shot curve of a sweep: ``metric`` against the support size k (categorical: the
+    evaluator's shots, then ``all``), one line per algo, with its 95% Student-t band over
+    distinct seeds clipped to the metric's range (no band for a one-seed algo).
+
+    Args:
+        table: :func:`metarec_runner.report.compare.shots_table` output (columns ``k``,
+            ``algo``, ``mean``, ``ci95``).
+        path: the PNG to write.
+        metric: the metric's column name (``ndcg_at_10``).
+        title: the figure's title (default: the metric and the number of algos).
+    """
+    from metarec_runner.report.compare import _shot_order
+
+    fig, (ax,) = _figure(1, width=8.0, height=5.0)
+    ks = sorted(table["k"].astype(str).unique(), key=_shot_order)
+    x = {k: i for i, k in enumerate(ks)}
+    for algo, rows in table.groupby("algo", sort=False):
+        rows = rows.assign(_x=rows["k"].astype(str).map(x)).sort_values("_x")
+        mean, lo, hi = comparison_bars(rows, metric)
+        line = ax.plot(rows["_x"], mean, marker="o", label=str(algo))[0]
+        ax.fill_between(rows["_x"], lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+    ax.set_xticks(range(len(ks)), [f"k={k}" for k in ks])
+    ax.set_xlabel("support ratings per test user (k; all = the whole support)")
+    ax.set_ylabel(f"test {metric}, mean ± 95% CI over seeds (Student's t)")
+    ax.set_title(title or f"{metric} by support size, {table['algo'].nunique()} algos")
+    ax.legend(loc="upper left", fontsize="small")
+    ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
