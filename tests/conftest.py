@@ -1,4 +1,8 @@
-"""Shared fixtures: small synthetic task sets, composed configs, isolated output folders."""
+"""Shared fixtures: small synthetic task sets, composed configs, isolated output folders.
+
+The builders themselves live in tests/helpers.py (import them from there); they are re-exported
+here for the modules that import ``SMALL_SCHEMA`` and ``random_taskset`` from ``tests.conftest``.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import torch
 
 from metarec_runner.data.interactions import FeatureSchema
 from metarec_runner.tasks.synthetic import random_taskset  # noqa: F401 (re-exported for tests)
+from tests.helpers import SMALL_SCHEMA, compose, tiny_batch, tiny_model  # noqa: F401 (re-exported)
 
 
 @pytest.fixture(autouse=True)
@@ -19,7 +24,11 @@ def _isolated_outputs(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
 
 
-SMALL_SCHEMA = FeatureSchema(("a", "b", "c", "user_id", "item_id"), (3, 5, 7, 20, 30))
+@pytest.fixture
+def compose_cfg():
+    """:func:`tests.helpers.compose`: ``compose_cfg("+algo=maml", "logger=none")`` is the project's
+    config with those overrides (``hydra=True`` keeps the hydra node)."""
+    return compose
 
 
 @pytest.fixture

@@ -57,7 +57,7 @@ def _f(t) -> float:
 
 
 def _max_diff(a, b) -> float:
-    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
 
 
 # -- Meta-SGD --------------------------------------------------------------------------------
@@ -99,7 +99,7 @@ def test_metasgd_step_sizes_shapes_training_and_state():
     state = copy.deepcopy(algo.state_dict())
     algo.meta_step(batch)
     assert any(not torch.allclose(a, state_a) for a, state_a in
-               zip(algo.step_sizes.state_dict().values(), state["step_sizes"].values()))  # learned
+               zip(algo.step_sizes.state_dict().values(), state["step_sizes"].values(), strict=True))  # learned
     algo.load_state_dict(state)
     assert all(torch.allclose(a, torch.tensor(0.2).double()) for a in algo.rates().values())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -175,7 +175,7 @@ def test_touched_rows_reptile_and_finetune_equal_full_tables():
     reptiles = _pair(Reptile, adapt="all", inner_lr=0.2, inner_steps=3)
     for algo in reptiles:
         algo.meta_step(batch)
-    for a, b in zip(reptiles[0].model.parameters(), reptiles[1].model.parameters()):
+    for a, b in zip(reptiles[0].model.parameters(), reptiles[1].model.parameters(), strict=True):
         assert (a - b).abs().max() < TOL
     tunes = [Finetune(_model(bags=True), SGD, adapt="all", finetune_lr=0.2, finetune_steps=4)
              for _ in range(2)]
@@ -208,7 +208,7 @@ def test_bce_meta_gradient_equals_hand_written_loop(scope):
         inner = _bce(functional_call(module, theta, (algo.inputs(batch.support_x[b, :s]),)),
                      batch.support_y[b, :s])
         grads = torch.autograd.grad(inner, list(theta.values()), create_graph=True)
-        fast = {n: w - 0.3 * g for (n, w), g in zip(theta.items(), grads)}
+        fast = {n: w - 0.3 * g for (n, w), g in zip(theta.items(), grads, strict=True)}
         total = total + _bce(functional_call(module, fast, (algo.inputs(batch.query_x[b, :q]),)),
                              batch.query_y[b, :q])
     total = total / batch.size
@@ -246,7 +246,7 @@ def test_aux_support_loss_adds_its_weighted_gradient(cls, extra):
         pred, y = model(batch.support_x[b, :s]), batch.support_y[b, :s]
         aux = aux + (_bce(pred, y) if extra else ((pred - y) ** 2).mean())
     aux_grad = torch.autograd.grad(aux / batch.size, list(model.parameters()))
-    expected = [g0 + w * ga for g0, ga in zip(grads[1], aux_grad)]
+    expected = [g0 + w * ga for g0, ga in zip(grads[1], aux_grad, strict=True)]
     assert _max_diff(grads[0], expected) < TOL
     objective, parts = algos[0].meta_objective(batch)
     assert abs(_f(parts["aux_loss"] - aux / batch.size)) < TOL
@@ -271,8 +271,8 @@ def test_reptile_aux_gradient_is_added_to_the_reptile_step():
     aux_grad = torch.autograd.grad(aux, list(model.parameters()))
     for a in algos:
         a.meta_step(batch)
-    for p_aux, p_plain, t, g in zip(algos[0].model.parameters(), algos[1].model.parameters(),
-                                    theta, aux_grad):
+    for p_aux, p_plain, _theta, g in zip(algos[0].model.parameters(), algos[1].model.parameters(),
+                                    theta, aux_grad, strict=True):
         # SGD(lr=1): theta_aux - theta_plain = -0.5 * grad(aux)
         assert ((p_aux - p_plain) + 0.5 * g).abs().max() < TOL
 
@@ -347,7 +347,7 @@ def test_global_and_finetune_train_on_bce_when_asked():
     logits = torch.cat([ref(x)[m] for x, _, m in rows])
     labels = torch.cat([y[m] for _, y, m in rows])
     grads = torch.autograd.grad(_bce(logits, labels), list(ref.parameters()))
-    expected = [p.detach() - 0.1 * g for p, g in zip(ref.parameters(), grads)]
+    expected = [p.detach() - 0.1 * g for p, g in zip(ref.parameters(), grads, strict=True)]
     stats = algo.meta_step(batch)
     assert abs(stats["loss"] - _f(_bce(logits, labels))) < TOL
     assert _max_diff(list(algo.model.parameters()), expected) < TOL

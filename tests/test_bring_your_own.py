@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-METAREC = [sys.executable, "-m", "metarec_runner.cli"]
+from tests.helpers import METAREC
+
 SHARED = Path(os.environ.get("METAREC_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
@@ -43,6 +43,7 @@ def test_unseen_dataset_from_a_yaml_mapping_trains(tmp_path):
     assert "data=shop (3750 ratings)" in res.stdout and "rmse" in res.stdout
 
 
+@pytest.mark.slow
 def test_data_info_prints_ml100k_counts(tmp_path):
     if not (SHARED / "ml-100k" / "u.data").exists():
         pytest.skip(f"real dataset {SHARED / 'ml-100k'} is absent (set METAREC_DATA_DIR)")

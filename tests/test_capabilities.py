@@ -12,7 +12,6 @@ from typing import ClassVar
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from metarec_runner.algos import compat
@@ -32,7 +31,7 @@ from metarec_runner.errors import ConfigError
 from metarec_runner.models.gru import GRUSequenceModel
 from metarec_runner.models.linear import LinearModel
 from metarec_runner.paths import conf_dir
-from tests.conftest import SMALL_SCHEMA
+from tests.helpers import SMALL_SCHEMA, compose
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 ALGOS = builtin_classes("algo")
@@ -80,9 +79,7 @@ def test_a_subclass_of_every_model_has_its_parents_verdicts(model):
 
 
 def _partial(group: str, option: str):
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"+algo={option}" if group == "algo" else
-                                                       f"model={option}", "logger=none"])
+    cfg = compose(f"+algo={option}" if group == "algo" else f"model={option}", "logger=none")
     return instantiate(cfg[group], _partial_=True)
 
 
@@ -243,7 +240,7 @@ def test_readme_table_verdicts_match_the_attributes():
         assert len(cells) == len(columns), row
         for option in options:
             assert option in ALGOS, f"README row names unknown algo {option!r}"
-            for model, text in zip(columns, cells):
+            for model, text in zip(columns, cells, strict=True):
                 verdict = text.split(":")[0].split(" ")[0].strip().lower()
                 assert verdict in ("yes", "no"), text
                 expected = compatible(ALGOS[option], MODELS[model])

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-METAREC = [sys.executable, "-m", "metarec_runner.cli"]
+from tests.helpers import METAREC
+
+pytestmark = pytest.mark.slow  # every test here starts `metarec` (or python) as a subprocess
 TINY = ["dataset.n_users=120", "dataset.n_items=80", "trainer.max_epochs=2", "trainer.progress=false"]
 
 
@@ -49,7 +51,6 @@ def test_the_train_entry_point_imports_no_job_code():
     assert out.stdout.strip() == "[]"
 
 
-@pytest.mark.slow
 def test_single_run_is_tracked_with_params_metrics_artifacts(tmp_path):
     out = tmp_path / "outputs"
     res = _run(["train", "+algo=maml", *TINY], tmp_path, METAREC_OUTPUT_DIR=str(out))
@@ -75,7 +76,6 @@ def test_single_run_is_tracked_with_params_metrics_artifacts(tmp_path):
     assert json.loads(local.read_text())["test/rmse"] == pytest.approx(run.data.metrics["test/rmse"])
 
 
-@pytest.mark.slow
 def test_two_job_sweep_has_one_parent_with_two_children(tmp_path):
     out = tmp_path / "outputs"
     res = _run(["train", "-m", "algo=maml,global", *TINY], tmp_path, METAREC_OUTPUT_DIR=str(out))
@@ -128,7 +128,6 @@ def test_cfg_job_prints_the_config(tmp_path):
     assert "metarec_runner.algos.reptile.Reptile" in res.stdout
 
 
-@pytest.mark.slow
 def test_ui_serves_the_store_train_writes_to(tmp_path):
     import socket
     import urllib.request
@@ -168,7 +167,6 @@ def test_ui_serves_the_store_train_writes_to(tmp_path):
             pass
 
 
-@pytest.mark.slow
 def test_sweep_with_a_failing_job_runs_the_rest_and_fails_the_parent(tmp_path):
     out = tmp_path / "outputs"
     # job 0 is refused before it can open a run (impossible value); job 1 must still run

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +18,8 @@ from metarec_runner.evaluate.metric_specs import lower_is_better
 from metarec_runner.evaluate.stats import NO_INTERVAL_ONE_SEED
 from metarec_runner.report.compare import compare_table
 from metarec_runner.report.store import CompareError
+from tests.helpers import METAREC, metarec_env
 
-METAREC = [sys.executable, "-m", "metarec_runner.cli"]
 TINY = ["dataset.n_users=120", "dataset.n_items=80", "trainer.max_epochs=2", "trainer.progress=false"]
 
 
@@ -29,12 +28,6 @@ def _t_half(values) -> float:
     values = np.asarray(values, dtype=float)
     lo, hi = sps.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=sps.sem(values))
     return (hi - lo) / 2
-
-
-def _env(out: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
-    env["METAREC_OUTPUT_DIR"] = str(out)
-    return env
 
 
 # ---------------------------------------------------------------- fast: no MLflow, no subprocess
@@ -169,7 +162,7 @@ def test_shots_table_pairs_each_user_at_the_same_k():
     def per_task(run_id, name="per_task.csv"):
         if name == "per_task.csv":
             return pd.DataFrame({"task_id": [1, 2], "ndcg_at_10": main[run_id]})
-        rows = [(k, t, v) for k, values in shot[run_id].items() for t, v in zip((1, 2), values)]
+        rows = [(k, t, v) for k, values in shot[run_id].items() for t, v in zip((1, 2), values, strict=True)]
         return pd.DataFrame(rows, columns=["shots", "task_id", "ndcg_at_10"])
 
     table = shots_table(runs, "ndcg_at_10", baseline="pop", per_task=per_task)
@@ -192,6 +185,7 @@ def test_compare_table_errors_name_the_fix():
         compare_table(_hand_runs(), "rmse", group_by=("colour",))
 
 
+@pytest.mark.slow
 def test_cli_import_stays_light():
     probe = subprocess.run(
         [sys.executable, "-c", ("import sys, metarec_runner.cli; print(*(m in sys.modules for m in "
@@ -211,7 +205,7 @@ def sweep_store(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("compare")
     out = root / "outputs"
     res = subprocess.run([*METAREC, "train", "-m", "+algo=maml,global", "seed=0,1", *TINY],
-                         cwd=root, env=_env(out), capture_output=True, text=True, check=False, timeout=600)
+                         cwd=root, env=metarec_env(out), capture_output=True, text=True, check=False, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return out
 
@@ -221,7 +215,7 @@ def _uri(out: Path) -> str:
 
 
 def _compare(out: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*METAREC, "compare", *args], cwd=out.parent, env=_env(out),
+    return subprocess.run([*METAREC, "compare", *args], cwd=out.parent, env=metarec_env(out),
                           capture_output=True, text=True, check=False, timeout=300)
 
 
@@ -328,6 +322,7 @@ def test_cli_table_csv_and_errors(sweep_store):
     assert res.returncode == 2 and res.stderr.strip() == "metarec: error: no finished runs in experiment 'Default'"
 
 
+@pytest.mark.slow
 def test_cli_errors_without_runs(tmp_path):
     out = tmp_path / "empty"
     res = _compare(out)

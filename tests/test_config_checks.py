@@ -17,23 +17,16 @@ import sys
 import time
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from metarec_runner.config.rules import blame, check_config, typed_keys
 from metarec_runner.config.schema import SCHEMA
 from metarec_runner.errors import ConfigError
-from metarec_runner.paths import conf_dir, group_options
-
-METAREC = [sys.executable, "-m", "metarec_runner.cli"]
-
-
-def _compose(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+from metarec_runner.paths import group_options
+from tests.helpers import METAREC, compose
 
 
 def _check(overrides: list[str]) -> None:
-    check_config(_compose(overrides), overrides)
+    check_config(compose(*overrides), overrides)
 
 
 def _args(overrides: str) -> list[str]:
@@ -101,11 +94,11 @@ def _shipped_keys() -> set[str]:
         for option in group_options(group):
             overrides = ([f"+algo={option}"] if group == "algo"
                          else ["+algo=maml", f"{group}={option}"])
-            node = _compose(overrides)[group]
+            node = compose(*overrides)[group]
             keys |= {f"{group}.{k}" for k in node}
             keys |= {f"{group}.{k}.{kk}" for k in node
                      if hasattr(node._get_node(k), "keys") for kk in node[k]}
-    return keys | set(_compose(["+algo=maml"]))
+    return keys | set(compose("+algo=maml"))
 
 
 def test_every_schema_key_is_a_key_of_some_shipped_option():
@@ -124,6 +117,7 @@ def test_every_schema_key_is_a_key_of_some_shipped_option():
     print("keys left to their classes:", ", ".join(unchecked))
 
 
+@pytest.mark.slow
 def test_check_config_imports_nothing_heavy():
     code = ("import sys, metarec_runner.config.rules; "
             "print(sorted(m for m in ('torch', 'mlflow', 'pandas', 'numpy') if m in sys.modules))")
@@ -270,7 +264,7 @@ def test_a_rule_over_several_keys_blames_the_one_typed():
     keys = ("splitter.n_query", "splitter.n_support", "splitter.min_interactions")
     assert blame([], *keys) == "splitter.n_query"
     assert blame(["splitter.min_interactions", "seed"], *keys) == "splitter.min_interactions"
-    cfg = _compose(["+algo=maml", "splitter.n_support=5", "splitter.min_interactions=12"])
+    cfg = compose("+algo=maml", "splitter.n_support=5", "splitter.min_interactions=12")
     for typed, key in ((["splitter.n_support=5"], "splitter.n_support"),
                        (["splitter.min_interactions=12"], "splitter.min_interactions"),
                        ([], "splitter.n_query")):
@@ -281,7 +275,7 @@ def test_a_rule_over_several_keys_blames_the_one_typed():
 
 def test_the_typed_key_is_reported_first():
     """Two bad values: the one on the command line wins over a bad default elsewhere."""
-    cfg = _compose(["+algo=maml", "seed=-1", "threads=0"])
+    cfg = compose("+algo=maml", "seed=-1", "threads=0")
     with pytest.raises(ConfigError, match="^threads"):
         check_config(cfg, ["threads=0"])
 
@@ -401,9 +395,9 @@ SAMPLE = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize("override, key", SAMPLE, ids=[o for o, _ in SAMPLE])
-def test_a_metarec_process_reports_a_bad_value_fast(tmp_path, override, key):
+def test_a_metarec_process_reports_a_bad_value_before_importing_torch(tmp_path, override, key):
     """A real ``metarec train`` process per value; ``-X importtime`` shows torch is never
-    imported before the error."""
+    imported before the error (what keeps the error fast; the time is printed, not asserted)."""
     out = tmp_path / "outputs"
     env = {**os.environ, "METAREC_OUTPUT_DIR": str(out)}
     env.pop("HYDRA_FULL_ERROR", None)
@@ -418,8 +412,7 @@ def test_a_metarec_process_reports_a_bad_value_fast(tmp_path, override, key):
     assert len(lines) == 1 and lines[0].startswith(f"metarec: error: {key}"), lines
     assert not any(ln.split("|")[-1].strip().split(".")[0] == "torch" for ln in imports)
     assert not list(out.glob("runs/*/*")) and not (out / "mlflow.db").exists()
-    print(f"{override}: error after {elapsed:.2f}s (with -X importtime)")
-    assert elapsed < 15  # well under 3 s on an idle machine; generous for a loaded CI box
+    print(f"{override}: error after {elapsed:.2f}s (with -X importtime)")  # reported, not asserted
 
 
 @pytest.mark.slow

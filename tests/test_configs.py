@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_dir
+import torch
 from hydra.errors import ConfigCompositionException
+from hydra.utils import get_class, get_method
 
 from metarec_runner.cli import normalize_overrides
 from metarec_runner.errors import ConfigError
 from metarec_runner.paths import conf_dir, group_options
 from metarec_runner.run import Prepared, build
+from tests.helpers import compose
 
 FAST = ["logger=none", "dataset.n_users=120", "dataset.n_items=80"]
-
-
-def _compose(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
 
 
 def _yaml_files():
@@ -26,7 +23,9 @@ def _yaml_files():
 
 @pytest.mark.parametrize("algo", group_options("algo"))
 def test_every_algo_builds_with_the_default_stack(algo):
-    prep = Prepared(_compose([f"+algo={algo}", *FAST]))
+    cfg = compose(f"+algo={algo}", *FAST)
+    prep = Prepared(cfg)
+    assert type(prep.algo) is get_class(cfg.algo._target_)
     assert prep.algo.model is prep.model
     assert len(prep.splits.train) > 0 and len(prep.splits.test) > 0
 
@@ -44,15 +43,24 @@ def test_every_group_option_instantiates(group):
         algo = "protonet" if (group, option) == ("model", "gru") else "maml"
         # implicit labels are 0/1: relevance starts at 1 (the default threshold 4 is refused)
         labels = ["evaluator.relevance_threshold=1"] if (group, option) == ("splitter", "implicit") else []
-        prep = Prepared(_compose([f"+algo={algo}", *FAST, *extra, *labels, f"{group}={option}"]))
-        assert prep.model is not None
+        cfg = compose(f"+algo={algo}", *FAST, *extra, *labels, f"{group}={option}")
+        prep = Prepared(cfg)
+        if group != "splitter":  # the option's class was built (splits are what a splitter leaves)
+            built = {"model": prep.model, "evaluator": prep.evaluator, "trainer": prep.trainer}[group]
+            assert type(built) is get_class(cfg[group]._target_), option
+        # the built model scores the split's test queries: one finite score per query row
+        batch = prep.splits.test.batch(torch.arange(min(4, len(prep.splits.test))))
+        scores = prep.model(batch.query_x.to(prep.device))
+        assert scores.shape == batch.query_y.shape, option
+        assert torch.isfinite(scores[batch.query_mask]).all(), option
 
 
 @pytest.mark.parametrize("dataset", group_options("dataset"))
 def test_every_dataset_option_composes(dataset):
-    cfg = _compose(["+algo=maml", "logger=none", f"dataset={dataset}"])
+    cfg = compose("+algo=maml", "logger=none", f"dataset={dataset}")
     assert cfg.dataset._target_.startswith("metarec_runner.data.")
-    assert cfg.dataset.name
+    assert callable(get_method(cfg.dataset._target_))  # the loader the option names exists
+    assert isinstance(cfg.dataset.name, str) and cfg.dataset.name.strip()
 
 
 @pytest.mark.parametrize("path", _yaml_files(), ids=lambda p: str(p.relative_to(conf_dir())))
@@ -69,15 +77,15 @@ def test_every_yaml_key_has_a_comment(path):
 def test_plus_algo_and_plain_algo_both_work():
     assert normalize_overrides(["algo=maml", "algo.inner_lr=0.1", "+algo=reptile", "seed=1"]) == [
         "+algo=maml", "algo.inner_lr=0.1", "+algo=reptile", "seed=1"]
-    cfg = _compose(normalize_overrides(["algo=fomaml"]))
+    cfg = compose(*normalize_overrides(["algo=fomaml"]))
     assert cfg.algo.first_order is True
     with pytest.raises(ConfigCompositionException):
-        _compose(["algo=maml"])  # without the CLI's rewrite Hydra refuses it: algo is not in defaults
+        compose("algo=maml")  # without the CLI's rewrite Hydra refuses it: algo is not in defaults
 
 
 def test_missing_algo_lists_the_options():
     with pytest.raises(ConfigError, match="no algorithm chosen.*maml.*reptile"):
-        Prepared(_compose(FAST))
+        Prepared(compose(*FAST))
 
 
 @pytest.mark.parametrize("override, key", [
@@ -93,12 +101,12 @@ def test_missing_algo_lists_the_options():
 ])
 def test_impossible_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as info:
-        Prepared(_compose(["+algo=maml", *FAST, override]))
+        Prepared(compose("+algo=maml", *FAST, override))
     assert str(info.value).startswith(key), str(info.value)
     assert "\n" not in str(info.value)
 
 
 def test_unknown_constructor_key_is_a_config_error():
-    cfg = _compose(["+algo=maml", *FAST, "+algo.not_a_key=1"])
+    cfg = compose("+algo=maml", *FAST, "+algo.not_a_key=1")
     with pytest.raises(ConfigError, match="algo: cannot build"):
-        build("algo", cfg.algo, model=Prepared(_compose(["+algo=global", *FAST])).model)
+        build("algo", cfg.algo, model=Prepared(compose("+algo=global", *FAST)).model)

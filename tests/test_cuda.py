@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
+from metarec_runner.algos.compat import builtin_classes, compatible
 from metarec_runner.paths import group_options
-from tests.test_models_zoo import _expected_error
+from tests.helpers import compose
 from tests.test_runner import _fit_test
 
 pytestmark = [
@@ -20,7 +21,10 @@ pytestmark = [
 #: the reference scorers (random, constant, oracle, ...) do not train; the toy run tests them
 TRAINED = ["maml", "fomaml", "reptile", "metasgd", "melu", "protonet", "matchingnet", "global",
            "finetune"]
-PAIRS = [(a, m) for a in TRAINED for m in group_options("model") if _expected_error(a, m) is None
+ALGOS, MODELS = builtin_classes("algo"), builtin_classes("model")
+ADAPT = {a: compose(f"+algo={a}", "logger=none").algo.get("adapt") for a in TRAINED}  # the presets'
+PAIRS = [(a, m) for a in TRAINED for m in group_options("model")
+         if compatible(ALGOS[a], MODELS[m], ADAPT[a])
          and not (a == "melu" and m != "melu")]  # the melu preset pins its own model
 SHORT = ["trainer.max_epochs=2", "dtype=float64"]
 

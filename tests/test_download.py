@@ -592,6 +592,7 @@ def test_cli_info_calls_the_loader(name, module, attr, files, monkeypatch, tmp_p
         assert text in res.output
 
 
+@pytest.mark.slow
 def test_cli_subprocess_lists_datasets(tmp_path) -> None:
     env_root = tmp_path / "env-data"
     res = subprocess.run([sys.executable, "-m", "metarec_runner.cli", "data", "list"],
@@ -601,6 +602,7 @@ def test_cli_subprocess_lists_datasets(tmp_path) -> None:
     assert f"data dir: {env_root}" in res.stdout and "hetrec2011-lastfm-2k" in res.stdout
 
 
+@pytest.mark.slow
 def test_help_does_not_import_heavy_modules() -> None:
     code = ("import sys\n"
             "from metarec_runner.cli import app\n"

@@ -6,24 +6,19 @@ import os
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from metarec_runner.paths import conf_dir, group_options
+from metarec_runner.paths import group_options
 from metarec_runner.run import Prepared
+from tests.helpers import compose
 
 SHARED = Path(os.environ.get("METAREC_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
-def _compose(overrides):
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
-
-
 @pytest.mark.parametrize("experiment", group_options("experiment"))
 def test_experiments_compose_and_never_pin_the_algorithm(experiment):
-    cfg = _compose([f"experiment={experiment}", "logger=none"])
+    cfg = compose(f"experiment={experiment}", "logger=none")
     assert "algo" not in cfg
-    cfg = _compose([f"experiment={experiment}", "+algo=maml", "logger=none"])
+    cfg = compose(f"experiment={experiment}", "+algo=maml", "logger=none")
     assert cfg.algo._target_.endswith("MAML")
 
 
@@ -32,7 +27,7 @@ def test_recbole_metarec_preset_reproduces_the_peer_counts(monkeypatch, tmp_path
         pytest.skip(f"real dataset {SHARED / 'ml-100k'} is absent (set METAREC_DATA_DIR)")
     monkeypatch.setenv("METAREC_DATA_DIR", str(SHARED))
     monkeypatch.setenv("METAREC_CACHE_DIR", str(tmp_path / "cache"))
-    prep = Prepared(_compose(["experiment=ml100k_recbole_metarec", "+algo=maml", "logger=none"]))
+    prep = Prepared(compose("experiment=ml100k_recbole_metarec", "+algo=maml", "logger=none"))
     s = prep.splits
     assert (len(s.train), len(s.val), len(s.test)) == (466, 58, 58)
     rows = sum(int(p.support_offsets[-1] + p.query_offsets[-1]) for p in (s.train, s.val, s.test))

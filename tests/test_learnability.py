@@ -3,25 +3,21 @@ margin and gets closer to the noise floor as the support set grows."""
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from rich.console import Console
 
 from metarec_runner.evaluate.summary import mean_ci
-from metarec_runner.paths import conf_dir
 from metarec_runner.run import Prepared
-from metarec_runner.runner import Runner
+from tests.helpers import compose, quiet_runner
 
 
 def _train(algo: str, *extra: str):
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            f"+algo={algo}", "logger=none", "trainer.progress=false", "trainer.max_epochs=20", *extra])
+    cfg = compose(f"+algo={algo}", "logger=none", "trainer.progress=false", "trainer.max_epochs=20", *extra)
     prep = Prepared(cfg)
-    runner = Runner(prep.algo, prep.evaluator, prep.tracker, prep.trainer, prep.device, cfg.seed,
-                    console=Console(quiet=True))
+    runner = quiet_runner(prep, cfg.seed)
     runner.fit(prep.splits.train, prep.splits.val)
     return prep, runner
 
@@ -47,7 +43,7 @@ def test_maml_beats_global_and_approaches_the_noise_floor():
                                            maml_prep.device)
         gaps.append(res.summary["test/rmse"] - res.summary["test/floor_rmse"])
     print("gap to noise floor at k=5,10,20,40:", np.round(gaps, 3))
-    assert all(b < a + 0.01 for a, b in zip(gaps, gaps[1:]))
+    assert all(b < a + 0.01 for a, b in pairwise(gaps))
     assert gaps[-1] < 0.6 * gaps[0]
     # the global model cannot use the support set at all: its gap is the k-independent baseline
     assert gaps[-1] < g["rmse"].mean() - g["floor_rmse"].mean() - 0.15

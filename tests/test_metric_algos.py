@@ -8,8 +8,6 @@ import functools
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from rich.console import Console
 
 from metarec_runner.algos.metric import MatchingNet, ProtoNet, query_loss
 from metarec_runner.errors import ConfigError
@@ -20,11 +18,9 @@ from metarec_runner.models.linear import LinearModel
 from metarec_runner.models.mf import MatrixFactorization
 from metarec_runner.models.mlp import MLPRecommender
 from metarec_runner.models.preference import PreferenceEstimator
-from metarec_runner.paths import conf_dir
-from metarec_runner.run import Prepared, build
-from metarec_runner.runner import Runner
+from metarec_runner.run import build
 from metarec_runner.tasks.taskset import TaskBatch
-from tests.conftest import SMALL_SCHEMA, random_taskset
+from tests.helpers import SMALL_SCHEMA, compose, fit_test, tiny_batch
 
 TOL = 1e-10
 MODELS = {
@@ -48,13 +44,7 @@ def _algo(cls, model_name: str, loss: str = "mse"):
 
 
 def _batch(n_tasks: int = 6, seed: int = 1, binary: bool = False) -> TaskBatch:
-    tasks = random_taskset(SMALL_SCHEMA, n_tasks, support=(1, 9), query=(1, 5), seed=seed)
-    batch = tasks.batch(torch.arange(n_tasks)).to("cpu", torch.float64)
-    if binary:
-        batch = TaskBatch(batch.support_x, (batch.support_y > 3).double() * batch.support_mask,
-                          batch.support_mask, batch.query_x, (batch.query_y > 3).double() * batch.query_mask,
-                          batch.query_mask, batch.task_index)
-    return batch
+    return tiny_batch(n_tasks, seed, support=(1, 9), query=(1, 5), binary=binary)  # 1-item supports too
 
 
 def _task(batch: TaskBatch, b: int) -> TaskBatch:
@@ -83,7 +73,7 @@ def test_batched_scores_and_gradient_equal_per_task_computation(cls, model_name)
     params = [p for p in [*algo.model.parameters(), *algo.net.parameters()]]
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     refs = torch.autograd.grad(ref_loss, params, allow_unused=True)
-    for p, g, r in zip(params, grads, refs):
+    for p, g, r in zip(params, grads, refs, strict=True):
         g = torch.zeros_like(p) if g is None else g
         r = torch.zeros_like(p) if r is None else r
         assert (g - r).abs().max() < TOL
@@ -119,7 +109,7 @@ def test_meta_step_descends_query_loss_plus_weighted_base_support_loss(cls):
                  + 0.5 * query_loss(algo.model(batch.support_x), batch.support_y, batch.support_mask, "mse").mean())
     grads = torch.autograd.grad(objective, params, allow_unused=True)
     algo.meta_step(batch)  # plain SGD, lr 0.1
-    for p, b, g in zip(params, before, grads):
+    for p, b, g in zip(params, before, grads, strict=True):
         expected = b if g is None else b - 0.1 * g
         assert (p.detach() - expected).abs().max() < TOL
 
@@ -148,19 +138,14 @@ def test_protonet_with_gru_uses_the_sequence_state():
     assert (algo.score(ctx, batch.query_x) - expected).abs().max() < TOL
 
 
-def _compose(*overrides: str):
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose(config_name="config", overrides=["logger=none", *overrides])
-
-
 def test_incompatible_pairs_raise_one_line_naming_both():
-    cfg = _compose("+algo=protonet", "model=linear")
+    cfg = compose("logger=none", "+algo=protonet", "model=linear")
     model = build("model", cfg.model, schema=SMALL_SCHEMA, rating_mean=3.0)
     with pytest.raises(ConfigError) as err:
         build("algo", cfg.algo, model=model)
     assert str(err.value) == ("algo.model: algo protonet needs a model with item embeddings; model linear "
                               "has none; use model=fm, gru, melu, mf or mlp")
-    cfg = _compose("+algo=maml", "model=gru")
+    cfg = compose("logger=none", "+algo=maml", "model=gru")
     model = build("model", cfg.model, schema=SMALL_SCHEMA, rating_mean=3.0)
     with pytest.raises(ConfigError, match=r"^algo\.model: algo maml/fomaml/melu needs a model that scores rows "
                        r"on their own.*model gru reads the user's support sequence; use algo=protonet"):
@@ -168,17 +153,14 @@ def test_incompatible_pairs_raise_one_line_naming_both():
     with pytest.raises(ConfigError, match="matchingnet.*linear has none"):
         MatchingNet(LinearModel(SMALL_SCHEMA), SGD)
     with pytest.raises(ConfigError, match="algo.loss"):
-        build("algo", _compose("+algo=matchingnet", "algo.loss=hinge").algo,
+        build("algo", compose("logger=none", "+algo=matchingnet", "algo.loss=hinge").algo,
               model=MODELS["mf"]())
 
 
 def _train(algo: str, *extra: str):
-    cfg = _compose(f"+algo={algo}", "trainer.progress=false", "trainer.max_epochs=15", *extra)
-    prep = Prepared(cfg)
-    runner = Runner(prep.algo, prep.evaluator, prep.tracker, prep.trainer, prep.device, cfg.seed,
-                    console=Console(quiet=True))
-    runner.fit(prep.splits.train, prep.splits.val)
-    return prep, runner.test(prep.splits.test).per_task
+    prep, _, test = fit_test(compose("logger=none", f"+algo={algo}", "trainer.progress=false",
+                                     "trainer.max_epochs=15", *extra))
+    return prep, test.per_task
 
 
 @pytest.mark.slow

@@ -172,7 +172,8 @@ def test_top_n_relevance_hand_computed():
     assert M.relevance(target, short, "top_n", top_n=5)[0].nonzero().flatten().tolist() == [0, 1]
     # padding never displaces a valid item even when it holds a high rating
     padded = torch.tensor([[1.0, 2.0, 9.0]])
-    assert M.relevance(padded, torch.tensor([[True, True, False]]), "top_n", top_n=1)[0].tolist() == [False, True, False]
+    top = M.relevance(padded, torch.tensor([[True, True, False]]), "top_n", top_n=1)
+    assert top[0].tolist() == [False, True, False]
     with pytest.raises(ValueError):
         M.relevance(target, mask, "graded")
 
@@ -250,7 +251,7 @@ def test_binary_metrics_match_independent_implementation_with_many_ties(seed, ru
             n = int(lengths[b])
             rel = relevant[b].tolist()
             ref = _ref_binary(pred[b].tolist(), rel, n, k)
-            for value, expected in zip([g[b].item() for g in got] + [auc[b].item()], ref):
+            for value, expected in zip([g[b].item() for g in got] + [auc[b].item()], ref, strict=True):
                 assert _close(value, expected), (b, k, value, expected)
 
 

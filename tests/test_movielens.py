@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
@@ -19,7 +18,8 @@ from metarec_runner.data.encode import UNKNOWN
 from metarec_runner.data.interactions import Interactions
 from metarec_runner.data.movielens import FOLDERS, load_movielens, parse_movies, parse_users
 from metarec_runner.errors import ConfigError, DataError
-from metarec_runner.paths import conf_dir, group_options
+from metarec_runner.paths import group_options
+from tests.helpers import compose
 
 DATA = Path(os.environ.get("METAREC_DATA_DIR")
             or Path(__file__).resolve().parents[1].parent / "shared" / "data")
@@ -254,9 +254,7 @@ MOVIELENS_CONFIGS = {"movielens_100k": "ml-100k", "movielens_1m": "ml-1m", "movi
 
 
 def compose_dataset(option: str, *overrides: str):
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose(config_name="config", overrides=["+algo=maml", f"dataset={option}",
-                                                        "logger=none", *overrides])
+    return compose("+algo=maml", f"dataset={option}", "logger=none", *overrides)
 
 
 def test_every_movielens_config_exists():

@@ -163,12 +163,14 @@ def test_log_run_plots_never_raises(tmp_path: Path, caplog) -> None:
     assert plots.log_run_plots(tracker, tmp_path / "none", None, None) == []
 
 
+@pytest.mark.slow
 def test_plots_module_does_not_import_matplotlib() -> None:
     code = ("import sys, metarec_runner.report.plots; "
             "assert 'matplotlib' not in sys.modules, 'matplotlib imported eagerly'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
+@pytest.mark.slow
 def test_headless_without_display(tmp_path: Path) -> None:
     """No DISPLAY, an interactive MPLBACKEND set: the Agg canvas is used regardless."""
     code = ("import pandas as pd; from metarec_runner.report import plots; "

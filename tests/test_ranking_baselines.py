@@ -12,8 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from rich.console import Console
 from torch import nn
 
 from metarec_runner.algos.baselines_ranking import ALS, EASE, ItemKNN
@@ -21,10 +19,9 @@ from metarec_runner.algos.group_popularity import GroupPopularity
 from metarec_runner.algos.scorers import Popularity
 from metarec_runner.data.interactions import FeatureSchema
 from metarec_runner.errors import ConfigError, TrainingError
-from metarec_runner.paths import conf_dir
 from metarec_runner.run import Prepared
-from metarec_runner.runner import Runner
 from metarec_runner.tasks.taskset import TaskSet
+from tests.helpers import compose, quiet_runner
 
 DATA = Path(os.environ.get("METAREC_DATA_DIR")
             or Path(__file__).resolve().parents[1].parent / "shared" / "data")
@@ -80,7 +77,8 @@ def _matrix_tasks(x: np.ndarray, rating: float = 5.0) -> TaskSet:
 def _new_users(supports: list[list[int]], ratings: list[list[float]] | None = None) -> TaskSet:
     """Held-out users with these supports; the query is item 0 (never read by the fold-in)."""
     ratings = ratings or [[5.0] * len(s) for s in supports]
-    return _taskset([(list(zip(s, r)), [(0, 1.0)]) for s, r in zip(supports, ratings)])
+    return _taskset([(list(zip(s, r, strict=True)), [(0, 1.0)])
+                     for s, r in zip(supports, ratings, strict=True)])
 
 
 def _all_items(batch_size: int, n_items: int) -> torch.Tensor:
@@ -282,16 +280,12 @@ def test_fold_in_never_reads_the_query():
 
 # -- through Hydra, Prepared and the Runner ----------------------------------------------------
 def _prepare(algo: str, *extra: str) -> Prepared:
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            f"+algo={algo}", "logger=none", "trainer.progress=false", "trainer.monitor=val/ndcg_at_10",
-            "evaluator.references=false", *extra])
-    return Prepared(cfg)
+    return Prepared(compose(f"+algo={algo}", "logger=none", "trainer.progress=false",
+                            "trainer.monitor=val/ndcg_at_10", "evaluator.references=false", *extra))
 
 
 def _test_ndcg(prep: Prepared) -> float:
-    runner = Runner(prep.algo, prep.evaluator, prep.tracker, prep.trainer, prep.device, 0,
-                    console=Console(quiet=True))
+    runner = quiet_runner(prep, 0)
     fit = runner.fit(prep.splits.train, prep.splits.val)
     assert [h["epoch"] for h in fit.history] == [0]
     test = runner.test(prep.splits.test)

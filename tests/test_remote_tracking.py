@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-METAREC = [sys.executable, "-m", "metarec_runner.cli"]
+from tests.helpers import METAREC, metarec_env
+
 TINY = ["dataset.n_users=120", "dataset.n_items=80", "trainer.max_epochs=1", "trainer.progress=false"]
 START_TIMEOUT_S = 60
 
@@ -71,12 +72,9 @@ def server(tmp_path_factory) -> Iterator[dict[str, object]]:
 
 
 def _train(tmp_path: Path, uri: str, *extra: str, **extra_env: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
-    env["METAREC_OUTPUT_DIR"] = str(tmp_path / "outputs")
-    env.update(extra_env)
     return subprocess.run([*METAREC, "train", "+algo=global", f"logger.tracking_uri={uri}", *TINY,
-                           *extra], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          check=False, timeout=600)
+                           *extra], cwd=tmp_path, env=metarec_env(tmp_path / "outputs", **extra_env),
+                          capture_output=True, text=True, check=False, timeout=600)
 
 
 def _only_run(uri: str, experiment: str) -> dict:

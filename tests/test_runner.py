@@ -8,24 +8,16 @@ import sys
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from rich.console import Console
 
-from metarec_runner.paths import conf_dir
-from metarec_runner.run import Prepared
 from metarec_runner.runner import Runner
+from tests.helpers import compose, fit_test
 
 TINY = ["dataset.n_users=120", "dataset.n_items=80", "trainer.max_epochs=3", "trainer.progress=false"]
 
 
 def _fit_test(*overrides: str):
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["logger=none", *TINY, *overrides])
-    prep = Prepared(cfg)
-    runner = Runner(prep.algo, prep.evaluator, prep.tracker, prep.trainer, prep.device, cfg.seed,
-                    console=Console(quiet=True))
-    fit = runner.fit(prep.splits.train, prep.splits.val)
-    return prep, fit, runner.test(prep.splits.test)
+    return fit_test(compose("logger=none", *TINY, *overrides))
 
 
 def _numbers(metrics: dict) -> dict:

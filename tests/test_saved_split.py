@@ -11,11 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from metarec_runner.data.toy import make_toy_catalog
 from metarec_runner.errors import ConfigError, DataError
-from metarec_runner.paths import conf_dir
 from metarec_runner.run import Prepared
 from metarec_runner.tasks.domains import Domains
 from metarec_runner.tasks.four_states import FourStates
@@ -24,6 +22,7 @@ from metarec_runner.tasks.item_cold_start import ItemColdStart
 from metarec_runner.tasks.saved import SavedSplit, read_split_metadata, save_splits
 from metarec_runner.tasks.splitters import UserColdStart
 from metarec_runner.tasks.user_groups import UserGroups
+from tests.helpers import compose
 
 DATA = Path(os.environ.get("METAREC_DATA_DIR")
             or Path(__file__).resolve().parents[1].parent / "shared" / "data")
@@ -38,15 +37,15 @@ def toy():
 
 def _assert_same(a, b):
     assert a.split_hash == b.split_hash
-    for pa, pb in ((a.train, b.train), (a.val, b.val), (a.test, b.test)):
-        assert pa.task_kind == pb.task_kind
+    for part_a, part_b in ((a.train, b.train), (a.val, b.val), (a.test, b.test)):
+        assert part_a.task_kind == part_b.task_kind
         for f in FIELDS:
-            ta, tb = getattr(pa, f), getattr(pb, f)
+            ta, tb = getattr(part_a, f), getattr(part_b, f)
             assert ta.dtype == tb.dtype and torch.equal(ta, tb), f
-        if pa.query_expected is None:
-            assert pb.query_expected is None
+        if part_a.query_expected is None:
+            assert part_b.query_expected is None
         else:
-            assert torch.allclose(pa.query_expected, pb.query_expected)
+            assert torch.allclose(part_a.query_expected, part_b.query_expected)
 
 
 SPLITTERS = {
@@ -115,12 +114,10 @@ def test_missing_and_damaged_files(toy, tmp_path):
 def test_splitter_saved_through_hydra(tmp_path):
     """splitter=saved splitter.path=... rebuilds the run's exact tasks from the config."""
     overrides = ["+algo=maml", "logger=none", "dataset.n_users=120", "dataset.n_items=80"]
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        first = Prepared(compose(config_name="config", overrides=overrides))
-        path = tmp_path / "split.parquet"
-        save_splits(first.splits, first.data, path)
-        again = Prepared(compose(config_name="config", overrides=[*overrides, "splitter=saved",
-                                                                     f"splitter.path={path}"]))
+    first = Prepared(compose(*overrides))
+    path = tmp_path / "split.parquet"
+    save_splits(first.splits, first.data, path)
+    again = Prepared(compose(*overrides, "splitter=saved", f"splitter.path={path}"))
     _assert_same(first.splits, again.splits)
 
 

@@ -10,8 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from rich.console import Console
 from torch import nn
 
 from metarec_runner.algos.scorers import (
@@ -21,27 +19,23 @@ from metarec_runner.algos.scorers import (
     Popularity,
     RandomScorer,
 )
-from metarec_runner.errors import ConfigError, TrainingError
-from metarec_runner.paths import conf_dir
+from metarec_runner.errors import ConfigError
 from metarec_runner.run import Prepared
-from metarec_runner.runner import Runner
 from metarec_runner.tasks.taskset import TaskSet
+from tests.helpers import compose, quiet_runner
 
 SCORERS = ["random", "constant", "oracle", "popularity", "item_mean"]
 FAST = ["logger=none", "dataset.n_users=120", "dataset.n_items=80", "trainer.progress=false"]
 
 
 def _prepare(algo: str, *extra: str) -> tuple[Prepared, int]:
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name="config",
-                      overrides=[f"+algo={algo}", *FAST, "trainer.max_epochs=2", *extra])
+    cfg = compose(f"+algo={algo}", *FAST, "trainer.max_epochs=2", *extra)
     return Prepared(cfg), cfg.seed
 
 
 def _run(algo: str, *extra: str):
     prep, seed = _prepare(algo, *extra)
-    runner = Runner(prep.algo, prep.evaluator, prep.tracker, prep.trainer, prep.device, seed,
-                    console=Console(quiet=True))
+    runner = quiet_runner(prep, seed)
     fit = runner.fit(prep.splits.train, prep.splits.val)
     return prep, fit, runner.test(prep.splits.test)
 

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-METAREC = [sys.executable, "-m", "metarec_runner.cli"]
+from tests.helpers import METAREC, metarec_env
+
 TINY = ["dataset.n_users=120", "dataset.n_items=80", "trainer.max_epochs=1", "trainer.progress=false"]
 
 
 def _run(args: list[str], cwd: Path, out: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "METAREC_OUTPUT_DIR": str(out)}
-    return subprocess.run([*METAREC, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([*METAREC, *args], cwd=cwd, env=metarec_env(out), capture_output=True, text=True,
+                          timeout=300)
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ def _pairs(ts, part):
     offsets = ts.support_offsets if part == "support" else ts.query_offsets
     sizes = offsets[1:] - offsets[:-1]
     users = torch.repeat_interleave(ts.task_ids, sizes)
-    return set(zip(users.tolist(), x[:, -1].tolist()))
+    return set(zip(users.tolist(), x[:, -1].tolist(), strict=True))
 
 
 def test_users_disjoint_and_support_query_disjoint(data):
@@ -38,7 +38,7 @@ def test_users_disjoint_and_support_query_disjoint(data):
     # every rating of the user is in exactly one of support or query
     counts = data.ratings.groupby("user").size()
     part = splits.test
-    for t, s, q in zip(part.task_ids.tolist(), part.support_sizes.tolist(), part.query_sizes.tolist()):
+    for t, s, q in zip(part.task_ids.tolist(), part.support_sizes.tolist(), part.query_sizes.tolist(), strict=True):
         assert s + q == counts[t]
 
 

@@ -7,16 +7,12 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from rich.console import Console
 
-import metarec_runner.paths
 from metarec_runner.data.toy import make_toy_catalog
 from metarec_runner.errors import ConfigError, DataError
-from metarec_runner.run import Prepared
-from metarec_runner.runner import Runner
 from metarec_runner.tasks.item_cold_start import ItemColdStart
 from metarec_runner.tasks.temporal import TemporalUserColdStart
+from tests.helpers import compose, fit_test
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +27,7 @@ def _task_of_rows(offsets: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor
 def _pairs(ts, part):
     """Set of (user id, item id) pairs in a TaskSet's support or query rows."""
     x = ts.support_x if part == "support" else ts.query_x
-    return set(zip(x[:, -2].tolist(), x[:, -1].tolist()))
+    return set(zip(x[:, -2].tolist(), x[:, -1].tolist(), strict=True))
 
 
 def _parts(splits):
@@ -40,7 +36,7 @@ def _parts(splits):
 
 def _assert_disjoint_tasks(splits):
     sets = [set(p.task_ids.tolist()) for p in _parts(splits)]
-    assert all(len(s) == len(p) for s, p in zip(sets, _parts(splits)))  # no task twice
+    assert all(len(s) == len(p) for s, p in zip(sets, _parts(splits), strict=True))  # no task twice
     assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
     return sets
 
@@ -79,7 +75,7 @@ def test_temporal_query_is_latest(data):
 def test_temporal_n_support_takes_the_history_just_before_the_query(data):
     full = TemporalUserColdStart(n_query=5, seed=0)(data)
     cut = TemporalUserColdStart(n_query=5, n_support=4, seed=0)(data)
-    for a, b in zip(_parts(full), _parts(cut)):
+    for a, b in zip(_parts(full), _parts(cut), strict=True):
         assert torch.equal(a.task_ids, b.task_ids) and torch.equal(a.query_x, b.query_x)
         assert (b.support_sizes == 4).all()
         # the n_support rows are the most recent ones of the full history
@@ -179,15 +175,9 @@ def test_item_bad_settings_name_the_key(data):
     ["splitter=item_cold_start", "splitter.min_interactions=20", "splitter.n_query=10", "evaluator=query_only"],
 ], ids=["temporal", "item_cold_start"])
 def test_one_meta_epoch_through_hydra(overrides):
-    with initialize_config_dir(config_dir=str(metarec_runner.paths.conf_dir()), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            "+algo=maml", "logger=none", "dataset.n_users=120", "dataset.n_items=80",
-            "trainer.max_epochs=1", "trainer.progress=false", *overrides])
-    prep = Prepared(cfg)
-    runner = Runner(prep.algo, prep.evaluator, prep.tracker, prep.trainer, prep.device, cfg.seed,
-                    console=Console(quiet=True))
-    fit = runner.fit(prep.splits.train, prep.splits.val)
-    result = runner.test(prep.splits.test)
+    prep, fit, result = fit_test(compose("+algo=maml", "logger=none", "dataset.n_users=120",
+                                         "dataset.n_items=80", "trainer.max_epochs=1",
+                                         "trainer.progress=false", *overrides))
     assert len(fit.history) == 1
     assert np.isfinite(result.summary["test/rmse"])
     assert len(result.per_task) == len(prep.splits.test)

@@ -69,9 +69,9 @@ def _assert_support_query_disjoint(ts):
     """No (task, user, item) row is in both support and query, nor twice in one set."""
     for role in ("support", "query"):
         t, u, i, _ = _rows(ts, role)
-        assert len(set(zip(t.tolist(), u.tolist(), i.tolist()))) == len(t)
-    s = set(zip(*[a.tolist() for a in _rows(ts, "support")[:3]]))
-    q = set(zip(*[a.tolist() for a in _rows(ts, "query")[:3]]))
+        assert len(set(zip(t.tolist(), u.tolist(), i.tolist(), strict=True))) == len(t)
+    s = set(zip(*[a.tolist() for a in _rows(ts, "support")[:3]], strict=True))
+    q = set(zip(*[a.tolist() for a in _rows(ts, "query")[:3]], strict=True))
     assert not (s & q)
 
 
@@ -123,7 +123,7 @@ def test_four_states_semantics_on_a_hand_built_timeline(state):
     splits = splitter(data)
     _assert_users_disjoint(splits)
     users_old, items_old = STATE_CLASSES[state]
-    for name, part in zip(("train", "val", "test"), _parts(splits)):
+    for name, part in zip(("train", "val", "test"), _parts(splits), strict=True):
         want_user_old = True if name == "train" else users_old
         want_item_old = True if name == "train" else items_old
         assert (old_user[part.task_ids.numpy()] == want_user_old).all(), name
@@ -262,7 +262,7 @@ def test_domains_train_and_test_domains_and_disjoint_users(toy):
     _assert_users_disjoint(splits)
     category = toy.item_features["category"].to_numpy()
     allowed = {"train": {0, 1, 2, 3, 4, 5}, "val": {0, 1, 2, 3, 4, 5}, "test": {7, 8, 9}}
-    for name, part in zip(("train", "val", "test"), _parts(splits)):
+    for name, part in zip(("train", "val", "test"), _parts(splits), strict=True):
         assert part.task_kind == "domain"
         assert len(set(part.task_ids.tolist())) == len(part)
         user, dom = splitter.decode(part.task_ids.numpy())
@@ -335,17 +335,17 @@ def test_implicit_labels_and_negatives(toy, others, k):
     splits = splitter(toy)
     assert splitter.capped_users == 0  # 300 items: every user has enough unrated ones
     r = toy.ratings
-    rated = set(zip(r["user"].tolist(), r["item"].tolist()))
-    rating = dict(zip(zip(r["user"].tolist(), r["item"].tolist()), r["rating"].tolist()))
+    rated = set(zip(r["user"].tolist(), r["item"].tolist(), strict=True))
+    rating = dict(zip(zip(r["user"].tolist(), r["item"].tolist(), strict=True), r["rating"].tolist(), strict=True))
     _assert_users_disjoint(splits)
     for part in _parts(splits):
         _assert_support_query_disjoint(part)
         for role in ("support", "query"):
             t, u, i, y = _rows(part, role)
             assert set(np.unique(y).tolist()) <= {0.0, 1.0}
-            real = np.array([(a, b) in rated for a, b in zip(u.tolist(), i.tolist())])
+            real = np.array([(a, b) in rated for a, b in zip(u.tolist(), i.tolist(), strict=True)])
             # positives are real ratings >= threshold; real label-0 rows only when others=zero
-            assert all(rating[(a, b)] >= 4.0 for a, b in zip(u[y == 1].tolist(), i[y == 1].tolist()))
+            assert all(rating[(a, b)] >= 4.0 for a, b in zip(u[y == 1].tolist(), i[y == 1].tolist(), strict=True))
             assert real[y == 1].all()
             if others == "drop":
                 assert not real[y == 0].any()  # every 0 is a sampled, never-interacted item

@@ -13,36 +13,23 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
 
 from metarec_runner.launch.callbacks import FAILED_DIR, ThreadsPerJob
-from metarec_runner.paths import conf_dir
 from metarec_runner.report.store import parse_overrides, swept_keys
+from tests.helpers import METAREC, compose, metarec_env
 
-METAREC = [sys.executable, "-m", "metarec_runner.cli"]
 TINY = ["dataset.n_users=120", "dataset.n_items=80", "trainer.max_epochs=1", "trainer.progress=false"]
 RUN_ARTIFACTS = {"config_resolved.yaml", "metrics.json", "per_task.csv", "by_support_size.csv",
                  "history.csv", "hydra", "plots"}
 
 
-def _env(out: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
-    env["METAREC_OUTPUT_DIR"] = str(out)
-    return env
-
-
 def _metarec(out: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([*METAREC, *args], cwd=out.parent, env=_env(out), capture_output=True,
+    return subprocess.run([*METAREC, *args], cwd=out.parent, env=metarec_env(out), capture_output=True,
                           text=True, check=False, timeout=timeout)
 
 
 def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
-
-
-def _compose(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
 
 
 def _sweep(client, out: Path):
@@ -74,16 +61,16 @@ def test_parse_overrides_and_swept_keys() -> None:
 
 
 def test_joblib_launcher_gets_one_thread_per_job() -> None:
-    cfg = _compose(["hydra/launcher=joblib", "+algo=maml"])
+    cfg = compose("hydra/launcher=joblib", "+algo=maml", hydra=True)
     assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
     ThreadsPerJob().on_multirun_start(cfg)
     assert dict(cfg.hydra.sweeper.params) == {"threads": "1"}
 
-    explicit = _compose(["hydra/launcher=joblib", "+algo=maml", "threads=2"])
+    explicit = compose("hydra/launcher=joblib", "+algo=maml", "threads=2", hydra=True)
     ThreadsPerJob().on_multirun_start(explicit)
     assert explicit.hydra.sweeper.params is None  # the user's threads=2 stays
 
-    basic = _compose(["+algo=maml"])
+    basic = compose("+algo=maml", hydra=True)
     ThreadsPerJob().on_multirun_start(basic)
     assert basic.hydra.sweeper.params is None  # sequential jobs keep torch's default
 
@@ -91,7 +78,7 @@ def test_joblib_launcher_gets_one_thread_per_job() -> None:
 @pytest.mark.skipif(not _has("hydra_plugins.hydra_submitit_launcher"),
                     reason="hydra-submitit-launcher not installed (pip install 'metarec-runner[slurm]')")
 def test_slurm_preset_composes() -> None:
-    cfg = _compose(["hydra/launcher=slurm", "+algo=maml", "hydra.launcher.partition=gpu"])
+    cfg = compose("hydra/launcher=slurm", "+algo=maml", "hydra.launcher.partition=gpu", hydra=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert launcher.partition == "gpu" and launcher.cpus_per_task == 4 and launcher.timeout_min == 240
@@ -100,7 +87,7 @@ def test_slurm_preset_composes() -> None:
 @pytest.mark.skipif(not _has("hydra_plugins.hydra_ray_launcher"),
                     reason="hydra-ray-launcher not installed (pip install 'metarec-runner[ray]')")
 def test_ray_preset_composes_with_one_thread_per_job() -> None:
-    cfg = _compose(["hydra/launcher=ray_local", "+algo=maml"])
+    cfg = compose("hydra/launcher=ray_local", "+algo=maml", hydra=True)
     assert cfg.hydra.launcher._target_.endswith("RayLauncher")
     assert cfg.hydra.launcher.ray.remote.num_cpus == 1
     ThreadsPerJob().on_multirun_start(cfg)
@@ -110,12 +97,12 @@ def test_ray_preset_composes_with_one_thread_per_job() -> None:
 @pytest.mark.skipif(not _has("hydra_plugins.hydra_optuna_sweeper"),
                     reason="hydra-optuna-sweeper not installed (pip install 'metarec-runner[optuna]')")
 def test_optuna_preset_composes() -> None:
-    cfg = _compose(["+hparams_search=maml_optuna"])
+    cfg = compose("+hparams_search=maml_optuna", hydra=True)
     assert cfg.algo._target_.endswith("MAML")
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
     assert cfg.hydra.sweeper.direction == "minimize" and cfg.trainer.monitor_mode is None
     # the direction follows the monitored metric's declaration, never a separate knob
-    cfg = _compose(["+hparams_search=maml_optuna", "trainer.monitor=val/ndcg_at_5"])
+    cfg = compose("+hparams_search=maml_optuna", "trainer.monitor=val/ndcg_at_5", hydra=True)
     assert cfg.hydra.sweeper.direction == "maximize"
     assert set(cfg.hydra.sweeper.params) == {"algo.inner_lr", "algo.meta_optimizer.lr",
                                              "algo.inner_steps"}
@@ -247,7 +234,7 @@ def test_joblib_workers_fork_from_a_preloaded_server() -> None:
 
     from metarec_runner.launch.callbacks import PrewarmWorkers
 
-    cfg = _compose(["hydra/launcher=joblib", "+algo=maml"])
+    cfg = compose("hydra/launcher=joblib", "+algo=maml", hydra=True)
     assert "metarec_runner.launch.worker_preload" not in sys.modules  # nothing loaded here
     try:
         PrewarmWorkers().on_multirun_start(cfg)
@@ -265,5 +252,5 @@ def test_prewarm_leaves_other_launchers_alone() -> None:
     from metarec_runner.launch.callbacks import PrewarmWorkers
 
     before = get_start_method()
-    PrewarmWorkers().on_multirun_start(_compose(["+algo=maml"]))  # the basic (sequential) launcher
+    PrewarmWorkers().on_multirun_start(compose("+algo=maml", hydra=True))  # the basic (sequential) launcher
     assert get_start_method() == before

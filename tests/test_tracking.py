@@ -262,6 +262,7 @@ def test_null_tracker_does_nothing(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_import_does_not_import_mlflow() -> None:
     code = "import metarec_runner.tracking, sys; assert 'mlflow' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -61,7 +61,7 @@ def per_task_meta_loss(
         for _ in range(steps):
             inner = pointwise_loss(functional_call(module, fast, (s_in,)), s_y, loss).mean()
             grads = torch.autograd.grad(inner, list(fast.values()), create_graph=not first_order)
-            fast = {n: w - step[n] * g for (n, w), g in zip(fast.items(), grads)}
+            fast = {n: w - step[n] * g for (n, w), g in zip(fast.items(), grads, strict=True)}
         total = total + pointwise_loss(functional_call(module, fast, (q_in,)), q_y, loss).mean()
         if aux_weight:
             aux = pointwise_loss(algo.model(batch.support_x[b, :s_n]), s_y, loss).mean()
@@ -97,7 +97,7 @@ def per_task_reptile_gradients(algo: SupportSGD, batch: TaskBatch) -> Tensor:
                 inner = ((functional_call(module, fast, (s_in,)) - s_y) ** 2).mean()
                 grads = torch.autograd.grad(inner, [fast[n] for n in names])
                 fast = {n: (fast[n] - algo.inner_lr * g).detach().requires_grad_(True)
-                        for n, g in zip(names, grads)}
+                        for n, g in zip(names, grads, strict=True)}
         fast = {n: p.detach() for n, p in fast.items()}
         for n in names:
             phi_sum[n] += fast[n]

@@ -133,7 +133,7 @@ class Interactions:
     def schema(self) -> FeatureSchema:
         """Fields of a row built by :meth:`feature_rows`."""
         fields = [*self._fields(), ("user_id", self.n_users, 1), ("item_id", self.n_items, 1)]
-        names, cards, widths = zip(*fields)
+        names, cards, widths = zip(*fields, strict=True)
         return FeatureSchema(tuple(names), tuple(cards), tuple(widths))
 
     def feature_rows(self, users: np.ndarray, items: np.ndarray) -> torch.Tensor:

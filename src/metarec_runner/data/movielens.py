@@ -147,7 +147,7 @@ def _folder(name: str, root: Path) -> Path:
 
 def _files(name: str, folder: Path) -> dict[str, Path]:
     """Existing source files by role; DataError naming the first missing one and the fix."""
-    roles = dict(zip(("ratings", "users", "items"), FILES[FORMATS[name]]))
+    roles = dict(zip(("ratings", "users", "items"), FILES[FORMATS[name]], strict=True))
     if name == "ml-10m":  # the only `dat` release without users.dat
         roles["users"] = None
     files = {role: folder / f for role, f in roles.items() if f is not None}

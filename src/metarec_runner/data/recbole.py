@@ -54,7 +54,7 @@ def read_atomic(path: Path) -> tuple[pd.DataFrame, dict[str, str], SourceFile]:
             raise DataError(f"{path} line 1: header field {entry[:60]!r} is not a unique "
                             f"name:type with type {', '.join(TYPES)}; fix the header")
         types[m.group(1)] = m.group(2)
-    text = [e for e, t in zip(header, types.values()) if t.startswith("token")]
+    text = [e for e, t in zip(header, types.values(), strict=True) if t.startswith("token")]
     frame, src = read_table(path, sep="\t", names=header, header=True, text=text)
     frame.columns = list(types)
     return frame, types, src

@@ -134,7 +134,7 @@ def compare_table(runs: pd.DataFrame, metric: str, group_by: Sequence[str] = ("a
     rows = []
     for group_values, group in runs.groupby(keys, dropna=False, sort=True):
         values = group_values if isinstance(group_values, tuple) else (group_values,)
-        row: dict[str, object] = {k: v for k, v in zip(group_by, values)}
+        row: dict[str, object] = {k: v for k, v in zip(group_by, values, strict=True)}
         over_seeds = stats.seed_interval(group, col, SEED_KEYS, level)
         row["n_runs"] = len(group)
         row["n_seeds"] = over_seeds.n

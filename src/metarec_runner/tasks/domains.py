@@ -170,7 +170,7 @@ class Domains(UserColdStart):
         if self.n_support is not None:
             is_support &= rank < self.n_query + self.n_support
         parts = []
-        for split, g, dr in zip(("train", "val", "test"), user_groups, ranges):
+        for split, g, dr in zip(("train", "val", "test"), user_groups, ranges, strict=True):
             keys = (np.sort(g)[:, None] * self.n_domains + np.array(list(dr))[None, :]).ravel()
             keys = keys[keep[keys]]
             if len(keys) == 0:

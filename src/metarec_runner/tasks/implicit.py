@@ -69,7 +69,7 @@ def sample_negatives(
         keep = pos < quota[owner]
         taken.append(codes[keep])
         left -= np.bincount(owner[keep], minlength=len(quota))[users]
-    for u, m in zip(users[left > 0], left[left > 0]):  # exact draw where rejection was too slow
+    for u, m in zip(users[left > 0], left[left > 0], strict=True):  # exact draw where rejection was too slow
         used = np.concatenate([seen, *taken])
         unseen = np.setdiff1d(u * n_items + np.arange(n_items), used[(used // n_items) == u])
         taken.append(rng.choice(unseen, int(m), replace=False))

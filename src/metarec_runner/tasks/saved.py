@@ -53,7 +53,7 @@ def _rows(part: TaskSet, split: str) -> pd.DataFrame:
 def save_splits(splits: TaskSplits, data: Interactions, path: Path) -> None:
     """Write ``splits`` (built from ``data``) to the parquet file ``path`` (parents are created)."""
     path = Path(path)
-    parts = dict(zip(SPLITS, (splits.train, splits.val, splits.test)))
+    parts = dict(zip(SPLITS, (splits.train, splits.val, splits.test), strict=True))
     frame = pd.concat([_rows(p, s) for s, p in parts.items()], ignore_index=True)
     meta = {
         "format_version": FORMAT_VERSION,

@@ -19,7 +19,7 @@ def random_taskset(schema: FeatureSchema, n_tasks: int, support: tuple[int, int]
 
     def rows(n: int) -> torch.Tensor:
         cols = [torch.randint(0, c, (n,), generator=g)
-                for c, w in zip(schema.cardinalities, schema.widths) for _ in range(w)]
+                for c, w in zip(schema.cardinalities, schema.widths, strict=True) for _ in range(w)]
         return torch.stack(cols, 1)
 
     def offsets(sizes: torch.Tensor) -> torch.Tensor:

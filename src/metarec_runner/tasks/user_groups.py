@@ -110,7 +110,8 @@ def rating_matrix(data: Interactions) -> Tensor:
     vals = r / np.where(norm[users] > 0, norm[users], 1.0)
     if data.n_users * data.n_items <= DENSE_LIMIT:
         dense = torch.zeros(data.n_users, data.n_items, dtype=torch.float32)
-        dense[torch.from_numpy(users.copy()), torch.from_numpy(items.copy())] = torch.from_numpy(vals.astype(np.float32))
+        rows, cols = torch.from_numpy(users.copy()), torch.from_numpy(items.copy())
+        dense[rows, cols] = torch.from_numpy(vals.astype(np.float32))
         return dense
     idx = torch.from_numpy(np.stack([users, items]))
     return torch.sparse_coo_tensor(idx, torch.from_numpy(vals), (data.n_users, data.n_items),
