@@ -21,9 +21,23 @@ def _yaml_files():
     return sorted(p for p in root.rglob("*.yaml"))
 
 
+def _model_for(algo: str) -> list[str]:
+    """The default model, or the first model option whose declared capabilities the algo's
+    class requires (``set_ranker`` needs ``set_encoder``): read from the class attributes."""
+    from metarec_runner.algos.compat import builtin_classes, compatible
+
+    algo_cls = builtin_classes("algo")[algo]
+    models = builtin_classes("model")
+    if compatible(algo_cls, models["melu"]):
+        return []
+    model = next(name for name, cls in models.items() if compatible(algo_cls, cls))
+    ranking_only = ["trainer.monitor=val/ndcg_at_5"] if not algo_cls.predicts_ratings else []
+    return [f"model={model}", *ranking_only]
+
+
 @pytest.mark.parametrize("algo", group_options("algo"))
 def test_every_algo_builds_with_the_default_stack(algo):
-    cfg = compose(f"+algo={algo}", *FAST)
+    cfg = compose(f"+algo={algo}", *FAST, *_model_for(algo))
     prep = Prepared(cfg)
     assert type(prep.algo) is get_class(cfg.algo._target_)
     assert prep.algo.model is prep.model
@@ -39,11 +53,13 @@ def test_every_group_option_instantiates(group):
     for option in group_options(group):
         if (group, option) == ("splitter", "saved"):
             continue  # needs a saved file: tests/test_split_artifact.py runs it
-        # gru needs an algo that hands it the support set (algos/compat.py refuses it with maml)
-        algo = "protonet" if (group, option) == ("model", "gru") else "maml"
+        # gru and set_encoder need an algo that hands them the support set (compat refuses maml)
+        algo = {("model", "gru"): "protonet", ("model", "set_encoder"): "set_ranker"}.get(
+            (group, option), "maml")
         # implicit labels are 0/1: relevance starts at 1 (the default threshold 4 is refused)
         labels = ["evaluator.relevance_threshold=1"] if (group, option) == ("splitter", "implicit") else []
-        cfg = compose(f"+algo={algo}", *FAST, *extra, *labels, f"{group}={option}")
+        ranking_only = ["trainer.monitor=val/ndcg_at_5"] if algo == "set_ranker" else []
+        cfg = compose(f"+algo={algo}", *FAST, *extra, *labels, *ranking_only, f"{group}={option}")
         prep = Prepared(cfg)
         if group != "splitter":  # the option's class was built (splits are what a splitter leaves)
             built = {"model": prep.model, "evaluator": prep.evaluator, "trainer": prep.trainer}[group]

@@ -178,7 +178,7 @@ def test_gru_batched_state_equals_per_task_recursion(schema):
 
 #: what the message says a model lacks, per missing capability
 LACKS = {"rowwise": "reads the user's support sequence; use algo=", "head": "has no head",
-         "item_embedding": "has none"}
+         "item_embedding": "has none", "catalog": "does not score the whole catalog"}
 
 
 def _taskset_of(batch):

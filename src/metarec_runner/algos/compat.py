@@ -29,6 +29,8 @@ Capabilities (:data:`CAPABILITIES`):
   support_mask) -> state [B, H]`` and ``score(state, x) -> [B, L]``); only an algorithm that
   hands the model the support set (``uses`` it: protonet) makes use of it, and such a model is
   not ``rowwise``.
+- ``catalog``: scores a user state against every item of the catalog in one matmul (the set
+  encoder), needed by the set ranker's softmax over the catalog.
 
 A model class without a ``provides`` attribute is taken as a plain row scorer (``rowwise``
 only). An algorithm class without ``requires`` needs nothing (:class:`MetaAlgorithm`'s default,
@@ -62,6 +64,7 @@ CAPABILITIES: dict[str, str] = {
     "head": "a body(x) / head split (adapt: head)",
     "item_embedding": "item_embedding(x) -> [..., d] and item_embedding_dim",
     "sequence": "encode_support(support_x, support_y, support_mask) and score(state, x)",
+    "catalog": "scores a user state against the whole catalog in one matmul (catalog_scores)",
 }
 
 #: what an algorithm needing a capability needs, as the error message says it
@@ -70,6 +73,7 @@ _WHAT = {
     "head": "a model with a body/head split (adapt: head)",
     "item_embedding": "a model with item embeddings",
     "sequence": "a model that reads the support sequence",
+    "catalog": "a model that scores the whole catalog from a user state (model=set_encoder)",
 }
 #: what a model lacking a capability is, as the error message says it (``model X ...``)
 _LACKS = {
@@ -77,6 +81,7 @@ _LACKS = {
     "head": "has no head",
     "item_embedding": "has none",
     "sequence": "does not read the support sequence",
+    "catalog": "does not score the whole catalog from a user state",
 }
 #: a README table cell for a lacking model (``no: ...``)
 _CELL_LACKS = {
@@ -84,6 +89,7 @@ _CELL_LACKS = {
     "head": "no body/head split",
     "item_embedding": "no item embeddings",
     "sequence": "does not read the support sequence",
+    "catalog": "no catalog scoring",
 }
 #: a README table cell for a model whose capability the algorithm uses (``yes (...)``)
 _CELL_USES = {
@@ -91,6 +97,7 @@ _CELL_USES = {
     "head": "adapts the head",
     "item_embedding": "its item embeddings",
     "sequence": "its state over the support sequence",
+    "catalog": "scores the catalog",
 }
 #: a README table row label for algorithms requiring a set of capabilities
 _ROW_NEEDS = {
@@ -98,6 +105,7 @@ _ROW_NEEDS = {
     "head": "need a head",
     "item_embedding": "need item embeddings",
     "sequence": "need a sequence model",
+    "catalog": "need a catalog scorer",
 }
 
 TABLE_HEADER = "algo \\ model"

@@ -1,0 +1,97 @@
+"""The losses and episodes of :mod:`metarec_runner.algos.set_ranker`, batched over tasks.
+
+- :func:`catalog_softmax_loss`: each positive against every item of the catalog except the
+  task's excluded ones (the positive itself always stays in its own denominator).
+- :func:`sampled_softmax_loss`: the same with the catalog replaced by a shared sample of items,
+  logQ-corrected (S. Jean et al. ACL 2015; X. Yi et al. RecSys 2019), accidental hits removed.
+- :func:`subsample_support`: random-k episodes, ``k ~ Uniform{k_min..k_max}`` rows per task.
+
+A task without a positive costs 0 and is flagged, so a batch averages over the tasks that have one.
+Masked logits are the dtype's finite minimum, never ``-inf``: a task whose every item is excluded
+gets no NaN gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def _in_set(items: Tensor, pool: Tensor, pool_mask: Tensor) -> Tensor:
+    """Bool ``[B, L]``: whether ``items [B, L]`` is among task ``b``'s real ``pool [B, E]`` items."""
+    return ((items.unsqueeze(-1) == pool.unsqueeze(-2)) & pool_mask.unsqueeze(-2)).any(-1)
+
+
+def _task_mean(per_positive: Tensor, pos_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-task mean over real positives ``[B]`` (0 without one) and whether a task has one."""
+    m = pos_mask.to(per_positive.dtype)
+    n = m.sum(-1)
+    return (per_positive * m).sum(-1) / n.clamp_min(1.0), n > 0
+
+
+def catalog_softmax_loss(scores: Tensor, pos_items: Tensor, pos_mask: Tensor,
+                         excluded: Tensor) -> tuple[Tensor, Tensor]:
+    """Full-catalog softmax loss of each task's positives, excluded items left out.
+
+    Args:
+        scores: ``[B, N]`` every item's score.
+        pos_items: ``[B, P]`` positive item codes (with ``pos_mask [B, P]``).
+        excluded: Bool ``[B, N]``: items removed from the denominator (a positive keeps itself).
+
+    Returns:
+        ``(loss [B], has_positive [B])``: per task, the mean over its positives ``q`` of
+        ``-s_q + logsumexp_{i not excluded, or i = q} s_i`` (0 for a task without positives).
+    """
+    floor = torch.finfo(scores.dtype).min  # finite: a task excluding everything gets no NaN
+    lse = torch.logsumexp(scores.masked_fill(excluded, floor), -1, keepdim=True)  # [B, 1]
+    s = scores.gather(-1, pos_items)
+    own = excluded.gather(-1, pos_items)  # the positive is excluded: add it back, once
+    denom = torch.where(own, torch.logaddexp(lse, s), lse)
+    return _task_mean(denom - s, pos_mask)
+
+
+def sampled_softmax_loss(user: Tensor, out: Tensor, offset: Tensor, pos_items: Tensor,
+                         pos_mask: Tensor, excl_items: Tensor, excl_mask: Tensor,
+                         negatives: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`catalog_softmax_loss` with the catalog replaced by ``negatives [M]`` shared items.
+
+    Logits are ``s_i - log(M q_i)`` (``log_q [n_items]``: log sampling probabilities); a sampled
+    item that is one of the task's excluded items (``excl_items [B, E]``) or the positive itself
+    (an accidental hit) is left out. ``user [B, d]``, ``out [n_items, d]``, ``offset [n_items]``.
+    """
+    log_m = math.log(negatives.shape[0])
+
+    def logits(items: Tensor) -> Tensor:  # [B, L] corrected scores of items [B, L]
+        return (user.unsqueeze(-2) * out[items]).sum(-1) + offset[items] - log_q[items] - log_m
+
+    s = logits(pos_items)  # [B, P]
+    neg_items = negatives.unsqueeze(0).expand(user.shape[0], -1)
+    neg = logits(neg_items)  # [B, M]
+    drop = _in_set(neg_items, excl_items, excl_mask).unsqueeze(1)  # [B, 1, M]
+    drop = drop | (negatives.view(1, 1, -1) == pos_items.unsqueeze(-1))  # [B, P, M]
+    neg = neg.unsqueeze(1).expand(-1, s.shape[1], -1).masked_fill(drop, torch.finfo(s.dtype).min)
+    denom = torch.logsumexp(torch.cat([s.unsqueeze(-1), neg], -1), -1)
+    return _task_mean(denom - s, pos_mask)
+
+
+def subsample_support(mask: Tensor, generator: torch.Generator, k_min: int = 0,
+                      k_max: int | None = None) -> Tensor:
+    """Keep ``k ~ Uniform{min(k_min, n)..min(k_max, n)}`` random real rows of each task's support.
+
+    Args:
+        mask: Bool ``[B, S]`` real support rows (``n`` per task).
+        generator: CPU generator (the draws do not depend on the device).
+
+    Returns:
+        Bool ``[B, S]`` rows kept, a subset of ``mask``: padding is never kept.
+    """
+    n = mask.sum(-1).cpu()
+    hi = n if k_max is None else n.clamp_max(int(k_max))
+    lo = n.clamp_max(int(k_min)).minimum(hi)
+    u = torch.rand(n.shape, generator=generator, dtype=torch.float64)
+    k = (lo + (u * (hi - lo + 1)).floor().long()).minimum(hi)  # [B]
+    keys = torch.rand(mask.shape, generator=generator).masked_fill(~mask.cpu(), 2.0)
+    rank = keys.argsort(-1).argsort(-1)  # real rows first, in random order
+    return (mask.cpu() & (rank < k.unsqueeze(-1))).to(mask.device)
