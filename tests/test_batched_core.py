@@ -16,7 +16,6 @@ from metarec_runner.algos.functional import (
     expand_params,
     inner_loop,
     masked_loss,
-    masked_mse,
 )
 from metarec_runner.algos.maml import MAML
 from metarec_runner.algos.reference import per_task_meta_loss
@@ -85,7 +84,7 @@ def test_hand_batched_forward_equals_vmap_functional_call():
 def test_masked_loss_equals_unpadded_loss():
     batch = _batch()
     pred = torch.randn_like(batch.support_y)
-    padded = masked_mse(pred, batch.support_y, batch.support_mask)
+    padded = masked_loss(pred, batch.support_y, batch.support_mask, "mse")
     for b in range(batch.size):
         n = int(batch.support_mask[b].sum())
         assert torch.allclose(padded[b], ((pred[b, :n] - batch.support_y[b, :n]) ** 2).mean(), atol=TOL)
@@ -97,8 +96,8 @@ def test_adapt_lowers_support_loss_and_leaves_model_unchanged():
     algo = MAML(model, functools.partial(torch.optim.SGD, lr=0.1), inner_lr=0.1, inner_steps=1,
                 eval_inner_steps=5)
     batch = _batch()
-    base = masked_mse(model(batch.support_x), batch.support_y, batch.support_mask)
-    adapted = masked_mse(algo.adapt(batch).predict(batch.support_x), batch.support_y, batch.support_mask)
+    base = masked_loss(model(batch.support_x), batch.support_y, batch.support_mask, "mse")
+    adapted = masked_loss(algo.adapt(batch).predict(batch.support_x), batch.support_y, batch.support_mask, "mse")
     assert (adapted < base).all()
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n])

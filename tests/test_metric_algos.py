@@ -9,7 +9,8 @@ import functools
 import pytest
 import torch
 
-from metarec_runner.algos.metric import MatchingNet, ProtoNet, query_loss
+from metarec_runner.algos.functional import masked_loss
+from metarec_runner.algos.metric import MatchingNet, ProtoNet
 from metarec_runner.errors import ConfigError
 from metarec_runner.evaluate.summary import mean_ci
 from metarec_runner.models.fm import FactorizationMachine
@@ -105,8 +106,8 @@ def test_meta_step_descends_query_loss_plus_weighted_base_support_loss(cls):
     params = [*algo.model.parameters(), *algo.net.parameters()]
     before = [p.detach().clone() for p in params]
     pred = algo.score(algo.context(batch), batch.query_x)
-    objective = (query_loss(pred, batch.query_y, batch.query_mask, "mse").mean()
-                 + 0.5 * query_loss(algo.model(batch.support_x), batch.support_y, batch.support_mask, "mse").mean())
+    objective = (masked_loss(pred, batch.query_y, batch.query_mask, "mse").mean()
+                 + 0.5 * masked_loss(algo.model(batch.support_x), batch.support_y, batch.support_mask, "mse").mean())
     grads = torch.autograd.grad(objective, params, allow_unused=True)
     algo.meta_step(batch)  # plain SGD, lr 0.1
     for p, b, g in zip(params, before, grads, strict=True):

@@ -200,24 +200,10 @@ def masked_loss(pred: Tensor, target: Tensor, mask: Tensor, kind: str = "mse") -
     return (pointwise_loss(pred, target, kind) * row_weights(mask, pred.dtype)).sum(-1)
 
 
-def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-    """Per-task mean squared error over real (unpadded) rows.
-
-    Args:
-        pred, target: ``[B, L]``.
-        mask: ``[B, L]`` bool, True on real rows.
-
-    Returns:
-        ``[B]``; equals each task's unpadded MSE exactly (padding contributes zero).
-    """
-    m = mask.to(pred.dtype)
-    return ((pred - target) ** 2 * m).sum(-1) / m.sum(-1).clamp_min(1.0)
-
-
 def row_weights(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """``[B, L]`` weights ``1 / n_b`` on task ``b``'s ``n_b`` real rows, 0 on padding.
 
-    ``((pred - target) ** 2 * row_weights(mask)).sum(-1)`` is :func:`masked_mse` with the
+    ``((pred - target) ** 2 * row_weights(mask)).sum(-1)`` is :func:`masked_loss` (``kind="mse"``) with the
     normalisation hoisted out of an inner loop.
     """
     m = mask.to(dtype)

@@ -29,27 +29,15 @@ from collections.abc import Callable
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metarec_runner.algos.base import AdaptedScorer, MetaAlgorithm
 from metarec_runner.algos.compat import check_compatible, provided
+from metarec_runner.algos.functional import LOSSES, masked_loss
 from metarec_runner.errors import ConfigError, require_choice, require_non_negative
 from metarec_runner.tasks.taskset import TaskBatch
 
-LOSSES = ("mse", "bce")
-
 Context = dict[str, Tensor]
-
-
-def query_loss(pred: Tensor, target: Tensor, mask: Tensor, loss: str) -> Tensor:
-    """Per-task mean loss over real rows ``[B]``: MSE on ratings, BCE on click logits."""
-    m = mask.to(pred.dtype)
-    if loss == "bce":
-        per_row = F.binary_cross_entropy_with_logits(pred, target.to(pred.dtype), reduction="none")
-    else:
-        per_row = (pred - target).square()
-    return (per_row * m).sum(-1) / m.sum(-1).clamp_min(1.0)
 
 
 class SupportConditioned(MetaAlgorithm):
@@ -116,10 +104,10 @@ class SupportConditioned(MetaAlgorithm):
     def meta_step(self, batch: TaskBatch) -> dict[str, float]:
         base = self.model(batch.support_x) if self.support_weight > 0 else None  # [B, S]
         pred = self.score(self.context(batch, base), batch.query_x)
-        loss = query_loss(pred, batch.query_y, batch.query_mask, self.loss).mean()
+        loss = masked_loss(pred, batch.query_y, batch.query_mask, self.loss).mean()
         objective = loss
         if base is not None:
-            support = query_loss(base, batch.support_y, batch.support_mask, self.loss).mean()
+            support = masked_loss(base, batch.support_y, batch.support_mask, self.loss).mean()
             objective = loss + self.support_weight * support
         self._outer_update(objective)
         return {"loss": loss.item()}

@@ -38,7 +38,9 @@ import torch
 from torch import Tensor, nn
 
 from metarec_runner.algos.base import AdaptedScorer, MetaAlgorithm
+from metarec_runner.algos.functional import masked_loss
 from metarec_runner.errors import ConfigError, TrainingError, require_non_negative
+from metarec_runner.evaluate.references import constant_scores, random_scores, unknown_score
 from metarec_runner.tasks.taskset import TaskBatch, TaskSet
 
 
@@ -57,13 +59,6 @@ def _grow(t: Tensor, size: int) -> Tensor:
     if t.shape[0] >= size:
         return t
     return torch.cat([t, t.new_zeros(size - t.shape[0], *t.shape[1:])])
-
-
-def _masked_mse(pred: Tensor, y: Tensor, mask: Tensor) -> float:
-    n = mask.sum()
-    if int(n) == 0:
-        return 0.0
-    return float((((pred - y) ** 2) * mask).sum() / n)
 
 
 class ReferenceScorer(MetaAlgorithm):
@@ -120,11 +115,11 @@ class ReferenceScorer(MetaAlgorithm):
         """Forget everything learned in ``meta_step`` (nothing for stateless scorers)."""
 
     def _batch_loss(self, batch: TaskBatch) -> float:
-        """MSE of :meth:`scores` on the batch's real support and query rows."""
+        """Mean over tasks of the MSE of :meth:`scores` on the batch's real support and query rows."""
         x = torch.cat([batch.support_x, batch.query_x], 1)
         y = torch.cat([batch.support_y, batch.query_y], 1)
         mask = torch.cat([batch.support_mask, batch.query_mask], 1)
-        return _masked_mse(self.scores(x).to(y.dtype), y, mask)
+        return float(masked_loss(self.scores(x).to(y.dtype), y, mask).mean())
 
 
 class RandomScorer(ReferenceScorer):
@@ -155,7 +150,7 @@ class RandomScorer(ReferenceScorer):
         return AdaptedScorer(self, None)
 
     def scores(self, x: Tensor) -> Tensor:
-        return torch.rand(x.shape[:2], generator=self.generator, dtype=torch.float64).to(x.device)
+        return random_scores(x.shape[:2], self.generator, torch.float64).to(x.device)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state().clone()}
@@ -268,7 +263,7 @@ class ConstantScorer(_CountingScorer):
         return self.global_mean if self.value is None else self.value
 
     def scores(self, x: Tensor) -> Tensor:
-        return torch.full(x.shape[:2], self.score, dtype=torch.float64, device=x.device)
+        return constant_scores(x.shape[:2], self.score, torch.float64, x.device)
 
 
 class Popularity(_CountingScorer):
@@ -360,6 +355,6 @@ class OracleScorer(ReferenceScorer):
             found = found & (keys[pos] == query)
         if not keys.numel():  # nothing rated: every row is padding
             return torch.zeros(items.shape, dtype=_dtype(self.model), device=x.device)
-        lowest = (ratings.min().clamp(max=0.0) - 1.0).to(ratings.dtype)
+        lowest = unknown_score(ratings).to(ratings.dtype)  # below every rated item
         out = torch.where(found, ratings[pos], lowest)
         return out.to(_dtype(self.model))
