@@ -142,7 +142,11 @@ def test_ui_serves_the_store_train_writes_to(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
-        first = proc.stdout.readline() + proc.stdout.readline()
+        first = ""
+        for _ in range(200):  # the URL is printed once the server answers, after its start-up log
+            first = proc.stdout.readline()
+            if first.startswith("runs table: ") or not first:
+                break
         exp_id = _client(out).get_experiment_by_name("train/toy").experiment_id
         assert f"http://127.0.0.1:{port}/#/experiments/{exp_id}/runs" in first
         body = None

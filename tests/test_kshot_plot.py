@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from metarec_runner.report import plots
+from metarec_runner.report import plots, plots_common
 
 
 def test_kshot_curve_orders_k_and_clips_bands(tmp_path: Path, monkeypatch) -> None:
@@ -18,13 +18,13 @@ def test_kshot_curve_orders_k_and_clips_bands(tmp_path: Path, monkeypatch) -> No
         "ci95": [0.2, 0.01, 0.01, math.nan, math.nan, math.nan],  # b: one seed, no band
     })
     saved = {}
-    real_save = plots._save
+    real_save = plots_common.save
 
     def keep(fig, path):
         saved["fig"] = fig
         return real_save(fig, path)
 
-    monkeypatch.setattr(plots, "_save", keep)
+    monkeypatch.setattr(plots_common, "save", keep)
     path = plots.plot_kshot_curve(table, tmp_path / "kshot.png", "ndcg_at_10", title="t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ax = saved["fig"].axes[0]
@@ -34,3 +34,14 @@ def test_kshot_curve_orders_k_and_clips_bands(tmp_path: Path, monkeypatch) -> No
     assert list(lines["a"].get_xdata()) == [0, 1, 2]
     band = ax.collections[0].get_paths()[0].vertices[:, 1]
     assert band.min() >= 0.0  # 0.05 - 0.2 is clipped to NDCG's lower bound
+    assert "NDCG@10 (0 to 1, higher is better)" in ax.get_ylabel()
+
+
+def test_kshot_default_title_names_the_sweep_and_dataset(tmp_path: Path, monkeypatch) -> None:
+    table = pd.DataFrame({"k": ["1", "all"], "algo": ["a", "a"], "mean": [0.1, 0.2],
+                          "ci95": [0.01, 0.01]})
+    saved = {}
+    monkeypatch.setattr(plots_common, "save", lambda fig, path: saved.setdefault("fig", fig) and path)
+    plots.plot_kshot_curve(table, tmp_path / "k.png", "ndcg_at_10", sweep="coldstart", dataset="ml-100k")
+    title = saved["fig"].axes[0].get_title()
+    assert "ndcg_at_10 by support size, 1 algos" in title and "sweep coldstart, data ml-100k" in title

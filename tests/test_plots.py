@@ -181,3 +181,169 @@ def test_headless_without_display(tmp_path: Path) -> None:
                          timeout=120, check=False)
     assert res.returncode == 0, res.stderr[-2000:]
     assert_png(tmp_path / "c.png")
+
+
+# ------------------------------------------------------------------ what the figures say
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures the plot functions save, by file name (the PNGs are still written)."""
+    from metarec_runner.report import plots_common
+
+    saved = {}
+    real = plots_common.save
+
+    def keep(fig, path):
+        saved[Path(path).name] = fig
+        return real(fig, path)
+
+    monkeypatch.setattr(plots_common, "save", keep)
+    return saved
+
+
+def panels(fig) -> dict[str, object]:
+    return {ax.get_title(): ax for ax in fig.axes}
+
+
+def hlines(ax) -> dict[str, float]:
+    """The reference lines across a panel (``axhline``: x from 0 to 1 in axes units): ``{label: y}``."""
+    return {line.get_label(): float(line.get_ydata()[0]) for line in ax.get_lines()
+            if list(line.get_xdata()) == [0, 1] and len(set(line.get_ydata())) == 1}
+
+
+def band_y(ax) -> np.ndarray:
+    return np.concatenate([c.get_paths()[0].vertices[:, 1] for c in ax.collections
+                           if c.get_paths()])
+
+
+def wide_history(n_metrics: int = 8) -> pd.DataFrame:
+    epochs = np.arange(1, 8)
+    frame = {"epoch": epochs, "train/loss": 100.0 / epochs ** 3, "val/rmse": 1.0 - 0.01 * epochs,
+             "val/rmse_ci95": 2.0, "val/ndcg_at_5": 0.5 + 0.01 * epochs, "val/ndcg_at_5_ci95": 0.9}
+    for i in range(n_metrics - 2):
+        frame[f"val/recall_at_{i + 1}"] = 0.3 + 0.001 * epochs
+    return pd.DataFrame(frame)
+
+
+def test_learning_curves_title_labels_scale_marker_and_references(tmp_path, figures) -> None:
+    title = plots.run_title("maml", "melu", "toy", 3)
+    plots.plot_learning_curves(wide_history(), tmp_path / "lc.png", title=title, monitor="val/rmse",
+                               floor_rmse=0.8, popularity={"ndcg_at_5": 0.42})
+    fig = figures["lc.png"]
+    assert fig.get_suptitle() == "learning curves\nalgo maml, model melu, data toy, seed 3"
+    by = panels(fig)
+    assert len(by) == 9  # the loss and all 8 validation metrics (no cap at 6)
+    loss, rmse, ndcg = by["training loss"], by["validation RMSE"], by["validation NDCG@5"]
+    assert loss.get_yscale() == "log"  # 100 .. 0.29: spans > 30x
+    assert rmse.get_yscale() == "linear"
+    assert rmse.get_ylabel() == "RMSE (rating points, lower is better)"
+    assert ndcg.get_ylabel() == "NDCG@5 (0 to 1, higher is better)"
+    assert "loss" in loss.get_ylabel() and "per rating" in loss.get_ylabel()
+    for ax in fig.axes:
+        assert ax.get_xlabel() == "epoch"
+        ticks = [t for t in ax.get_xticks() if 1 <= t <= 7]
+        assert ticks and all(float(t).is_integer() for t in ticks)
+        marker = [line for line in ax.get_lines() if line.get_label() == "best epoch 7"]
+        assert marker and list(marker[0].get_xdata()) == [7, 7]  # val/rmse is lowest at epoch 7
+    assert hlines(rmse)["noise floor 0.8"] == pytest.approx(0.8)
+    assert not any(k.startswith("noise floor") for k in hlines(ndcg))
+    assert hlines(ndcg)["popularity 0.42"] == pytest.approx(0.42)
+    assert not any(k.startswith("popularity") for k in hlines(rmse))
+    assert band_y(rmse).min() >= 0.0 and band_y(rmse).max() > 2.5  # RMSE: clipped below only
+    assert band_y(ndcg).min() >= 0.0 and band_y(ndcg).max() <= 1.0  # NDCG: clipped to [0, 1]
+
+
+def test_narrow_loss_stays_linear_and_best_epoch_can_be_given(tmp_path, figures) -> None:
+    frame = history().assign(**{"val/floor_rmse": 0.6, "val/floor_rmse_ci95": 0.1})
+    plots.plot_learning_curves(frame, tmp_path / "lc.png", best_epoch=2)  # loss 1 .. 0.2: 5x
+    by = panels(figures["lc.png"])
+    assert sorted(by) == ["training loss", "validation NDCG@5", "validation RMSE"]  # no floor panel
+    assert hlines(by["validation RMSE"]) == {"noise floor 0.6": pytest.approx(0.6)}
+    assert by["training loss"].get_yscale() == "linear"
+    assert figures["lc.png"].get_suptitle() == "learning curves"
+    assert [line.get_label() for line in by["validation RMSE"].get_lines()].count("best epoch 2") == 1
+
+
+def test_few_shot_curve_categorical_k_and_references(tmp_path, figures) -> None:
+    frame = long_curve("shots")
+    frame.loc[frame["metric"] == "ndcg_at_5", "ci95"] = 0.9
+    plots.plot_few_shot_curve(frame, tmp_path / "fs.png", title="algo maml",
+                              full_support={"rmse": 0.9, "ndcg_at_5": 0.6},
+                              no_adaptation={"rmse": 1.3})
+    fig = figures["fs.png"]
+    assert fig.get_suptitle() == "test metrics vs support size k\nalgo maml"
+    by = panels(fig)
+    rmse, ndcg = by["test RMSE vs support size k"], by["test NDCG@5 vs support size k"]
+    assert [t.get_text() for t in rmse.get_xticklabels()] == ["k=0", "k=1", "k=2", "k=5", "k=10"]
+    curve = [line for line in rmse.get_lines() if line.get_label() == "rmse"][0]
+    assert list(curve.get_xdata()) == [0, 1, 2, 3, 4]  # evenly spaced categories, not 0..10
+    assert hlines(rmse) == {"full support 0.9": pytest.approx(0.9), "no adaptation 1.3": pytest.approx(1.3)}
+    assert hlines(ndcg) == {"full support 0.6": pytest.approx(0.6)}
+    assert band_y(ndcg).min() >= 0.0 and band_y(ndcg).max() <= 1.0
+
+
+def test_support_size_plot_is_titled_observational_and_clipped(tmp_path, figures) -> None:
+    frame = by_support().assign(ndcg_at_5_ci95=[0.9, 0.9, 0.9], floor_rmse=[0.5, 0.6, 0.7])
+    plots.plot_few_shot_curve(frame, tmp_path / "ss.png", title="algo maml, seed 0", floor_rmse=0.7)
+    fig = figures["ss.png"]
+    assert fig.get_suptitle() == "test metrics by support size (observational, not controlled)\nalgo maml, seed 0"
+    by = panels(fig)
+    ndcg = by["test NDCG@5 by support size (observational)"]
+    rmse = by["test RMSE by support size (observational)"]
+    segments = np.concatenate([seg for c in ndcg.collections for seg in c.get_segments()])
+    assert segments[:, 1].min() >= 0.0 and segments[:, 1].max() <= 1.0  # 0.4 ± 0.9 -> [0, 1]
+    assert hlines(rmse)["noise floor 0.7"] == pytest.approx(0.7)
+    assert len(by) == 2  # rmse and ndcg_at_5; floor_rmse is a line on the RMSE panel, not a panel
+    own = [line for line in rmse.get_lines() if line.get_label() == "noise floor (these users)"]
+    assert list(own[0].get_ydata()) == [0.5, 0.6, 0.7]
+    assert ndcg.get_ylabel().startswith("NDCG@5 (0 to 1")
+
+
+def test_adaptation_curve_integer_steps_and_title(tmp_path, figures) -> None:
+    plots.plot_adaptation_curve(long_curve("steps"), tmp_path / "ad.png", title="algo maml")
+    fig = figures["ad.png"]
+    assert fig.get_suptitle() == "query metrics vs inner steps\nalgo maml"
+    rmse = panels(fig)["query RMSE vs inner steps"]
+    assert all(float(t).is_integer() for t in rmse.get_xticks())
+    assert rmse.get_ylabel() == "RMSE (rating points, lower is better)"
+
+
+def test_sweep_comparison_title_width_baseline_and_t_intervals(tmp_path, figures) -> None:
+    table = pd.DataFrame({"algo": ["maml", "global", "reptile"], "n_runs": [3, 3, 1],
+                          "n_seeds": [3, 3, 1], "mean": [0.05, 0.5, 0.3], "std": [0.1, 0.02, np.nan]})
+    plots.plot_comparison(table, tmp_path / "cmp.png", "ndcg_at_10", sweep="sw1", dataset="ml-100k",
+                          baseline="global")
+    fig = figures["cmp.png"]
+    ax = fig.axes[0]
+    assert ax.get_title() == "test NDCG@10 by algo: sweep sw1, data ml-100k"
+    assert fig.get_figwidth() >= 12
+    assert "Student-t" in ax.get_xlabel()
+    base = [line for line in ax.get_lines() if line.get_label().startswith("baseline global")]
+    assert base and list(base[0].get_xdata()) == [0.5, 0.5]
+    bars = {float(seg[0][1]): (float(seg[0][0]), float(seg[1][0]))
+            for c in ax.collections for seg in c.get_segments()}
+    t2 = 4.302653  # t_{0.975} with 2 degrees of freedom: three seeds
+    assert set(bars) == {2.0, 1.0}  # maml at the top, then global; reptile (one seed) has none
+    assert bars[2.0] == (0.0, pytest.approx(0.05 + t2 * 0.1 / np.sqrt(3), rel=1e-5))  # clipped at 0
+    assert bars[1.0] == (pytest.approx(0.5 - t2 * 0.02 / np.sqrt(3), rel=1e-5),
+                         pytest.approx(0.5 + t2 * 0.02 / np.sqrt(3), rel=1e-5))
+    assert "no CI" in [t.get_text() for t in ax.get_yticklabels()][2]  # reptile: one seed
+
+
+def test_log_run_plots_titles_every_plot_with_the_run(tmp_path, figures) -> None:
+    long_curve("steps").to_csv(tmp_path / "adaptation.csv", index=False)
+    long_curve("shots").to_csv(tmp_path / "few_shot.csv", index=False)
+    plots.log_run_plots(RecordingTracker(), tmp_path, history(), by_support(), algo="maml",
+                        model="melu", dataset="toy", seed=1, monitor="val/rmse",
+                        summary={"test/rmse": 0.95, "test/floor_rmse": 0.75,
+                                 "test/ref/popularity/ndcg_at_5": 0.3})
+    assert sorted(figures) == ["adaptation_curve.png", "few_shot_curve.png", "learning_curves.png",
+                               "support_size.png"]
+    for fig in figures.values():
+        assert fig.get_suptitle().endswith("\nalgo maml, model melu, data toy, seed 1")
+    few = panels(figures["few_shot_curve.png"])
+    assert hlines(few["test RMSE vs support size k"]) == {
+        "noise floor 0.75": pytest.approx(0.75), "full support 0.95": pytest.approx(0.95),
+        "no adaptation 1": pytest.approx(1.0)}  # the adaptation curve at 0 steps
+    assert "popularity 0.3" in hlines(few["test NDCG@5 vs support size k"])

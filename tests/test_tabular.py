@@ -149,3 +149,66 @@ def test_formats_parquet_headerless_and_inference(tmp_path):
         load(tmp_path, feedback="implicit")
     with pytest.raises(DataError, match=r"nope\.csv not found"):
         load(tmp_path, ratings="nope.csv")
+
+
+# ------------------------------------------------------------------ timestamps and column types
+
+
+def test_date_timestamps_become_integer_seconds(tmp_path):
+    write(tmp_path / "r.csv", "u,i,r,t\n1,10,4,2020-01-01\n1,11,3,2020-01-02\n2,10,5,1969-12-31\n")
+    data = load(tmp_path, timestamp_format="%Y-%m-%d")
+    assert sorted(data.ratings["timestamp"].tolist()) == [-86400, 1577836800, 1577923200]
+    assert data.ratings["timestamp"].dtype == np.int64
+    inferred = load(tmp_path, timestamp_format=None, cache=False)
+    assert inferred.checksum() == data.checksum()
+    write(tmp_path / "dt.csv", "u,i,r,t\n1,10,4,2020-01-01 00:00:01\n1,11,3,2020-01-01T12:00:00+01:00\n")
+    iso = load(tmp_path, ratings="dt.csv", timestamp_format="ISO8601")
+    assert sorted(iso.ratings["timestamp"].tolist()) == [1577836801, 1577876400]  # +01:00 -> UTC
+
+
+def test_integer_timestamps_unchanged_with_every_format_that_allows_them(tmp_path):
+    write(tmp_path / "r.csv", "u,i,r,t\n1,10,4,300\n1,11,3,100\n")
+    for fmt in ("unix", None):
+        assert sorted(load(tmp_path, timestamp_format=fmt, cache=False).ratings["timestamp"]) == [100, 300]
+    write(tmp_path / "d.csv", "u,i,r,t\n1,10,4,20200102\n1,11,3,20200101\n")
+    days = load(tmp_path, ratings="d.csv", timestamp_format="%Y%m%d")  # integers read as dates
+    assert sorted(days.ratings["timestamp"]) == [1577836800, 1577923200]
+
+
+def test_parquet_datetime_column(tmp_path):
+    frame = pd.DataFrame({"u": [1, 2], "i": [10, 10], "r": [1.0, 2.0],
+                          "t": pd.to_datetime(["2020-01-01 00:00:00", "2020-01-02 00:00:30"])})
+    frame.to_parquet(tmp_path / "r.parquet")
+    data = load(tmp_path, ratings="r.parquet")  # already datetimes: no format needed
+    assert sorted(data.ratings["timestamp"]) == [1577836800, 1577923230]
+
+
+def test_a_date_column_without_a_format_names_the_column_not_a_line(tmp_path):
+    write(tmp_path / "r.csv", "u,i,r,t\n1,10,4,2020-01-01\n1,11,3,2020-01-02\n2,10,5,2020-01-03\n")
+    with pytest.raises(DataError) as err:
+        load(tmp_path)
+    text = str(err.value)
+    assert "column 't' (columns.timestamp) is not integer: 3 of 3 values fail, first " \
+           "'2020-01-01', '2020-01-02', '2020-01-03'" in text
+    assert "timestamp_format" in text and "line" not in text
+    with pytest.raises(DataError, match=r"column 't' \(columns.timestamp\) is not dates in the format "
+                                        r"'%d/%m/%Y'.*first '2020-01-01'"):
+        load(tmp_path, timestamp_format="%d/%m/%Y")
+    write(tmp_path / "h.csv", "1;10;4;2020-01-01\n1;11;3;2020-01-02\n")  # header-less: the position
+    with pytest.raises(DataError, match=r"h\.csv: column 3 \(columns.timestamp\) is not integer"):
+        load(tmp_path, ratings="h.csv", sep=";", header=False,
+             columns={"user": 0, "item": 1, "rating": 2, "timestamp": 3})
+
+
+def test_one_bad_line_still_names_the_line(tmp_path):
+    write(tmp_path / "r.csv", "u,i,r,t\n1,10,4,2020-01-01\n1,11,3,2020-13-45\n2,10,5,2020-01-03\n")
+    with pytest.raises(DataError, match=r"r\.csv line 3: '1,11,3,2020-13-45': timestamp '2020-13-45' "
+                                        r"is not a date in the format '%Y-%m-%d'; fix or remove that line"):
+        load(tmp_path, timestamp_format="%Y-%m-%d")
+    write(tmp_path / "x.csv", "u,i,r,t\n1,10,4,1\n1,11,x,2\n2,10,5,3\n")
+    with pytest.raises(DataError, match=r"x\.csv line 3: .*r 'x' is not a finite number; fix or remove"):
+        load(tmp_path, ratings="x.csv")
+    write(tmp_path / "s.csv", "u,i,r,t\n1,10,good,1\n1,11,bad,2\n2,10,5,3\n")
+    with pytest.raises(DataError, match=r"s\.csv: column 'r' \(columns.rating\) is not numeric: 2 of 3 "
+                                        r"values fail, first 'good', 'bad'; map columns.rating"):
+        load(tmp_path, ratings="s.csv")

@@ -7,7 +7,6 @@ Heavy imports (torch, hydra, mlflow) happen inside the commands, so ``metarec --
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 
@@ -61,31 +60,21 @@ def ui(
     port: int = typer.Option(5000, help="Port to listen on (127.0.0.1 only)."),
     tracking_uri: str = typer.Option(None, help="Store to browse (default: the one `train` writes to)."),
 ) -> None:
-    """Start the MLflow UI on the same store `metarec train` writes to, on 127.0.0.1."""
+    """Start the MLflow UI on the store `metarec train` writes to, on 127.0.0.1; print the runs
+    table's URL once it answers (Ctrl+C stops it)."""
+    from metarec_runner.cli.ui import UIError, serve
     from metarec_runner.paths import default_tracking_uri
 
-    uri = tracking_uri or default_tracking_uri()
-    url = f"http://127.0.0.1:{port}"
-    runs = _latest_experiment_runs_path(uri)
-    typer.echo(f"MLflow UI for {uri}\nruns table: {url}/{runs}\n(Ctrl+C to stop)")
-    sys.stdout.flush()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # ~0.5 GB instead of ~2.4 GB
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    os.execve(sys.executable, cmd, env)  # become the UI process: Ctrl+C and kill reach it directly
+    def echo(text: str) -> None:
+        typer.echo(text)
+        sys.stdout.flush()
 
-
-def _latest_experiment_runs_path(uri: str) -> str:
-    """``#/experiments/<id>/runs`` for the most recently updated experiment (or the list)."""
-    if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):
-        return "#/experiments"
     try:
-        from mlflow.tracking import MlflowClient
-
-        exps = MlflowClient(uri).search_experiments(order_by=["last_update_time DESC"], max_results=1)
-    except Exception:  # noqa: BLE001  (an unreachable store: the UI itself will say why)
-        return "#/experiments"
-    return f"#/experiments/{exps[0].experiment_id}/runs" if exps else "#/experiments"
+        code = serve(tracking_uri or default_tracking_uri(), port, echo)
+    except UIError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)
 
 
 app.add_typer(data_app, name="data")

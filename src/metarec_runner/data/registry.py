@@ -172,10 +172,15 @@ def dataset_dir(name: str, root: str | os.PathLike[str] | None = None) -> Path:
     return data_dir(root) / get(name).name
 
 
+def missing_files(name: str, root: str | os.PathLike[str] | None = None) -> list[str]:
+    """The expected files of ``name`` that are not under ``<root>/<name>/``, in spec order."""
+    folder = dataset_dir(name, root)
+    return [f for f in get(name).files if not (folder / f).is_file()]
+
+
 def is_present(name: str, root: str | os.PathLike[str] | None = None) -> bool:
     """True when every expected file of ``name`` exists under ``<root>/<name>/``."""
-    folder = dataset_dir(name, root)
-    return all((folder / f).is_file() for f in get(name).files)
+    return not missing_files(name, root)
 
 
 def human_size(n_bytes: float) -> str:

@@ -22,7 +22,10 @@ import pandas as pd
 import pyarrow as pa
 
 from metarec_runner.data.cache import cached, resolve_data_dir
-from metarec_runner.data.encode import SideTable, assemble, check_unique, show
+from metarec_runner.data.columns import numeric_column as numeric_column  # re-exported
+from metarec_runner.data.columns import text_column as text_column  # re-exported
+from metarec_runner.data.columns import timestamp_column
+from metarec_runner.data.encode import SideTable, assemble, check_unique
 from metarec_runner.data.interactions import Interactions
 from metarec_runner.errors import ConfigError, DataError, require_choice
 
@@ -178,37 +181,6 @@ def read_table(path: Path, *, sep: str, names: Sequence[str] | None = None, head
     return frame, source
 
 
-def numeric_column(frame: pd.DataFrame, column: str, source: SourceFile, *, integer: bool,
-                   what: str | None = None) -> np.ndarray:
-    """Column ``column`` as int64 (``integer``) or float64 ``[n]``; DataError on the first row that
-    is missing, not a number, not finite, or (``integer``) not a whole number within +-2**53."""
-    what = what or column
-    values = frame[column]
-    if values.dtype.kind in "ib" or (values.dtype.kind == "u" and values.max() < 2**63):
-        return values.to_numpy(np.int64 if integer else np.float64)
-    if values.dtype.kind == "f":
-        number = values.to_numpy(np.float64)
-    else:
-        number = pd.to_numeric(values.astype(object), errors="coerce").astype(np.float64).to_numpy()
-    bad = ~np.isfinite(number)
-    if integer:
-        bad |= (np.abs(number) >= 2.0**53) | (number != np.round(number))
-    if bad.any():
-        row = int(np.argmax(bad))
-        value = values.iloc[row]
-        problem = "is missing" if pd.isna(value) else f"{show(value)} is not " + (
-            "an integer" if integer else "a finite number")
-        raise DataError(f"{source.where(int(frame.index[row]))}: {what} {problem}; "
-                        f"fix or remove that line")
-    return number.astype(np.int64) if integer else number
-
-
-def text_column(frame: pd.DataFrame, column: str) -> pd.Series:
-    """Column ``column`` as an object series of str, missing values as None (index kept)."""
-    values = frame[column]
-    return values.astype(object).where(values.notna(), None)
-
-
 FEEDBACK = ("explicit", "binary", "log")
 _SEPARATORS = {".csv": ",", ".tsv": "\t"}
 
@@ -316,7 +288,8 @@ def load_tabular(name: str, ratings: str, columns: Mapping[str, object], sep: st
                  min_user_interactions: int = 0, max_user_interactions: int | None = None,
                  min_item_interactions: int = 0, max_item_interactions: int | None = None,
                  rating_scale: str = "raw", header: bool = True, encoding: str = "utf-8",
-                 data_dir: str | None = None, cache: bool = True) -> Interactions:
+                 data_dir: str | None = None, cache: bool = True,
+                 timestamp_format: str | None = "unix") -> Interactions:
     """Bring-your-own interactions from a delimited or parquet file.
 
     Args:
@@ -338,6 +311,10 @@ def load_tabular(name: str, ratings: str, columns: Mapping[str, object], sep: st
         encoding: of the text files (``utf-8``, ``latin-1`` or ``auto``).
         data_dir: root for relative paths (None = ``$METAREC_DATA_DIR``, else the XDG cache).
         cache: use the processed cache.
+        timestamp_format: how ``columns.timestamp`` is read: ``unix`` (integer seconds, the
+            default), a :func:`datetime.strptime` format such as ``"%Y-%m-%d"`` (or pandas'
+            ``"ISO8601"``), or None (integers as seconds, anything else parsed as dates by
+            pandas' inference). Dates become integer seconds since 1970-01-01 UTC.
 
     Returns:
         Interactions over the users and items that keep ratings; ``metadata`` has the files read
@@ -364,19 +341,21 @@ def load_tabular(name: str, ratings: str, columns: Mapping[str, object], sep: st
     args = _plain({"loader": "tabular", "ratings": str(ratings), "columns": cols, "sep": sep,
                    "feedback": feedback, "user_features": user_features, "header": header,
                    "item_features": item_features, "duplicates": duplicates, "filters": filters,
-                   "rating_scale": rating_scale, "encoding": encoding})
+                   "rating_scale": rating_scale, "encoding": encoding,
+                   "timestamp_format": timestamp_format})
 
     def build() -> Interactions:
         frame, src = read_any(path, sep, key="sep", header=header, encoding=encoding,
                               text=[cols["user"], cols["item"]])
         for key, col in cols.items():
             _column(frame, col, f"columns.{key}", path)
-        value = (numeric_column(frame, value_col, src, integer=False) if value_col is not None
-                 else np.ones(len(frame)))
+        value_key = "columns.rating" if "rating" in cols else "columns.weight"
+        value = (numeric_column(frame, value_col, src, integer=False, key=value_key)
+                 if value_col is not None else np.ones(len(frame)))
         value, bounds = feedback_values(value, feedback, src, frame.index)
         raw = pd.DataFrame({"user": _ids(frame, cols["user"], src, "user id"),
                             "item": _ids(frame, cols["item"], src, "item id"), "rating": value,
-                            "timestamp": numeric_column(frame, cols["timestamp"], src, integer=True)
+                            "timestamp": timestamp_column(frame, cols["timestamp"], src, timestamp_format)
                             if "timestamp" in cols else np.zeros(len(frame), np.int64)},
                            index=frame.index)
         users, u_src = _side_table(user_features, root, "user_features", encoding)
