@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -12,6 +15,7 @@ import pytest
 
 from metarec_runner.errors import MetarecError
 from metarec_runner.tracking import MlflowTracker, NullTracker, SweepParent, flatten_config
+from metarec_runner.tracking.lifecycle import HEARTBEAT_S, HEARTBEAT_TAG, Heartbeat
 
 EXPERIMENT = "test-tracking"
 
@@ -179,6 +183,108 @@ def test_start_twice_and_use_before_start_raise(store) -> None:
         tracker.start({})
     tracker.set_tags({"outcome": "ok"})
     tracker.finish()
+
+
+# --- liveness: pid, host, heartbeat --------------------------------------------------------
+
+
+def test_run_starts_with_pid_host_and_heartbeat(store, client) -> None:
+    tracker = make_tracker(store)
+    run_id = tracker.start({}, tags={"metarec.pid": "overwritten"})
+    run = client.get_run(run_id)
+    assert run.data.tags["metarec.pid"] == str(os.getpid())
+    assert run.data.tags["metarec.host"] == socket.gethostname()
+    beat = float(run.data.tags["metarec.heartbeat"])
+    assert beat * 1000 <= run.info.start_time + 1  # written with the run, before MLflow stamped it
+    assert tracker._beats[run_id].running  # the daemon thread beats while the run is open
+    tracker.finish()
+    assert tracker._beats == {}
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_flush_writes_the_heartbeat_when_due_in_the_same_batch(store, client) -> None:
+    tracker = make_tracker(store)
+    run_id = tracker.start({})
+    beat = tracker._beats[run_id]
+    beat.stop()  # only flush() beats in this test
+    first = client.get_run(run_id).data.tags[HEARTBEAT_TAG]
+    clock = [2_000_000_000.0]
+    beat._clock = lambda: clock[0]
+    beat._last = clock[0]
+    tracker.flush()  # nothing buffered, no beat due: no write
+    assert client.get_run(run_id).data.tags[HEARTBEAT_TAG] == first
+    clock[0] += HEARTBEAT_S
+    tracker.flush()  # nothing buffered, but a beat is due
+    assert client.get_run(run_id).data.tags[HEARTBEAT_TAG] == "2000000030.000"
+    clock[0] += HEARTBEAT_S - 1
+    tracker.log_metrics({"loss": 1.0}, step=0)
+    tracker.flush()  # metrics only: the last beat is recent
+    assert client.get_run(run_id).data.tags[HEARTBEAT_TAG] == "2000000030.000"
+    clock[0] += 1
+    tracker.log_metrics({"loss": 0.5}, step=1)
+    tracker.flush()
+    run = client.get_run(run_id)
+    assert run.data.tags[HEARTBEAT_TAG] == "2000000060.000" and run.data.metrics["loss"] == 0.5
+    tracker.finish()
+
+
+def test_heartbeat_thread_beats_and_stops() -> None:
+    written, enough = [], threading.Event()
+
+    def write(value: str) -> None:
+        written.append(float(value))
+        if len(written) >= 2:
+            enough.set()
+
+    beat = Heartbeat(write, interval_s=0.03)
+    beat.start()
+    assert enough.wait(60), "the heartbeat thread wrote fewer than two beats"
+    beat.stop()
+    assert not beat.running
+    assert written == sorted(written)
+
+
+def test_heartbeat_write_errors_are_swallowed() -> None:
+    def broken(value: str) -> None:
+        raise OSError("store gone")
+
+    beat = Heartbeat(broken, interval_s=0.0)
+    assert beat.beat() is False  # due, written, failed: the run goes on
+    assert Heartbeat(broken, interval_s=3600).beat() is False  # not due: not even tried
+
+
+def test_sweep_parent_has_liveness_tags_and_its_heartbeat_ends(store, client, tmp_path: Path) -> None:
+    opener = MlflowTracker(store["uri"], "test-sweep-live", artifact_location=store["artifacts"])
+    parent = opener.open_sweep_parent(tmp_path, "sweep")
+    tags = client.get_run(parent.run_id).data.tags
+    assert tags["metarec.pid"] == str(os.getpid()) and "metarec.heartbeat" in tags
+    assert opener._beats[parent.run_id].running
+    opener.end_sweep_parent(parent, "KILLED")
+    assert opener._beats == {}
+    assert client.get_run(parent.run_id).info.status == "KILLED"
+
+
+def test_resume_reopens_the_run_with_this_process_liveness(store, client) -> None:
+    first = make_tracker(store)
+    run_id = first.start({"lr": 0.1})
+    first.log_metrics({"loss": 1.0}, step=0)
+    first.finish("KILLED")
+    client.set_tag(run_id, "metarec.pid", "999999999")  # as if written by a process now gone
+
+    again = make_tracker(store)
+    assert again.resume(run_id) == run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING" and run.data.tags["metarec.pid"] == str(os.getpid())
+    assert again.experiment_id == run.info.experiment_id and again._beats[run_id].running
+    again.log_metrics({"loss": 0.5}, step=1)
+    again.finish()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"lr": "0.1"}
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [0, 1]
+    with pytest.raises(RuntimeError, match="already started"):
+        again.resume(run_id)
+    with pytest.raises(MetarecError, match="no MLflow run 'nope'"):
+        make_tracker(store).resume("nope")
 
 
 # --- sweeps ---------------------------------------------------------------------------------

@@ -2,6 +2,12 @@
 
 ``mlflow`` is imported lazily (it takes seconds), and no fluent ``mlflow.start_run`` state is
 used, so several runs can be tracked one after another in one process (Hydra multirun).
+
+Parallel jobs share a sqlite store safely: a new store is created once under a file lock, and
+every store call is retried while sqlite reports ``database is locked``
+(:mod:`metarec_runner.tracking.sqlite_store`). Every run, and a sweep's parent, carries its
+pid, host and a heartbeat refreshed while it is open (:mod:`metarec_runner.tracking.lifecycle`),
+so a run whose process died can be told from a running one (``metarec runs clean``).
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from metarec_runner.errors import MetarecError
 from metarec_runner.tracking.flatten import flatten_config
+from metarec_runner.tracking.lifecycle import HEARTBEAT_TAG, Heartbeat, liveness_tags
+from metarec_runner.tracking.sqlite_store import RetryingClient, ensure_store
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -60,14 +68,38 @@ class MlflowTracker:
         self._client_obj: MlflowClient | None = None
         self._buffer: list[tuple[str, float, int, int]] = []  # key, value, timestamp ms, step
         self._finished = False
+        self._beats: dict[str, Heartbeat] = {}  # open run id (this run, a sweep parent) -> heartbeat
 
     @property
     def _client(self) -> MlflowClient:
+        """The store's client: a sqlite store made ready once (under its lock), calls retried
+        while sqlite reports busy."""
         if self._client_obj is None:
             from mlflow.tracking import MlflowClient
 
-            self._client_obj = MlflowClient(tracking_uri=self.tracking_uri)
+            ensure_store(self.tracking_uri)
+            client = MlflowClient(tracking_uri=self.tracking_uri)
+            self._client_obj = RetryingClient(client, self.tracking_uri)  # type: ignore[assignment]
         return self._client_obj
+
+    def _create_run(self, experiment_id: str, tags: Mapping[str, str], run_name: str | None) -> str:
+        """Create a run tagged with this process's pid, host and a first heartbeat, start its
+        heartbeat, and return its id."""
+        run = self._client.create_run(experiment_id, tags={**tags, **liveness_tags()}, run_name=run_name)
+        self._start_heartbeat(run.info.run_id)
+        return run.info.run_id
+
+    def _start_heartbeat(self, run_id: str) -> None:
+        """Beat for ``run_id`` from a daemon thread (and from :meth:`flush`) until it ends."""
+        beat = Heartbeat(lambda value: self._client.set_tag(run_id, HEARTBEAT_TAG, value))
+        beat.start()
+        self._beats[run_id] = beat
+
+    def _end_run(self, run_id: str, status: str) -> None:
+        """Stop the run's heartbeat, then end the run with ``status``."""
+        if (beat := self._beats.pop(run_id, None)) is not None:
+            beat.stop()
+        self._client.set_terminated(run_id, status)
 
     def _run(self) -> str:
         if self.run_id is None:
@@ -80,9 +112,11 @@ class MlflowTracker:
             self._client.log_batch(self._run(), **{kind: items[i:i + size]}, synchronous=True)
 
     def _ensure_experiment(self) -> str:
-        """The experiment's id, creating it if absent (safe when a parallel job races us)."""
-        from mlflow.exceptions import MlflowException
+        """The experiment's id, creating it if absent.
 
+        Race-free: when a parallel job creates the same name first, ``create_experiment`` fails
+        (the name is unique in the store) and the experiment that job created is read instead.
+        """
         exp = self._client.get_experiment_by_name(self.experiment)
         if exp is None:
             try:
@@ -92,7 +126,7 @@ class MlflowTracker:
                     # a local folder is the client's: a tracking server keeps its own artifact root
                     location = None if remote else Path(location).resolve().as_uri()
                 return self._client.create_experiment(self.experiment, location)
-            except MlflowException:
+            except Exception:  # already exists (MLflow's error, or the database's unique constraint)
                 if (exp := self._client.get_experiment_by_name(self.experiment)) is None:
                     raise
         if exp.lifecycle_stage != "active":
@@ -123,10 +157,43 @@ class MlflowTracker:
                 f"tracks to {self.tracking_uri}; use one tracking URI for the whole sweep")
         else:
             self.experiment_id, all_tags[PARENT_TAG] = parent.experiment_id, parent.run_id
-        run = self._client.create_run(self.experiment_id, tags=all_tags, run_name=self.run_name)
-        self.run_id = run.info.run_id
+        self.run_id = self._create_run(self.experiment_id, all_tags, self.run_name)
         self._batch("params", [Param(k, v) for k, v in flatten_config(params).items()], 100)
         return self.run_id
+
+    def resume(self, run_id: str) -> str:
+        """Reopen an existing run (``trainer.resume``: same id, its metric history continued).
+
+        The run becomes RUNNING again and is tagged with this process's pid, host and a fresh
+        heartbeat (so ``metarec runs clean`` sees the new process, not the dead one); its params
+        are left as they are. Returns ``run_id``.
+
+        Raises:
+            MetarecError: no such run in this store, or the run is deleted.
+        """
+        if self.run_id is not None:
+            raise RuntimeError(f"run {self.run_id} already started; use a new MlflowTracker")
+        from mlflow.entities import RunTag
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self._client.get_run(run_id)
+        except MlflowException:
+            raise MetarecError(f"no MLflow run {run_id!r} in {self.tracking_uri} to resume") from None
+        if run.info.lifecycle_stage != "active":
+            raise MetarecError(f"MLflow run {run_id} is deleted in {self.tracking_uri}; restore it "
+                               "(`mlflow runs restore --run-id ...`) before resuming it")
+        self._client.update_run(run_id, status="RUNNING")
+        self._client.log_batch(run_id, tags=[RunTag(k, v) for k, v in liveness_tags().items()],
+                               synchronous=True)
+        self.run_id, self.experiment_id = run_id, run.info.experiment_id
+        self._start_heartbeat(run_id)
+        return run_id
+
+    def last_logged_step(self, key: str) -> int | None:
+        """The largest step at which metric ``key`` was logged to this run (``None``: never)."""
+        history = self._client.get_metric_history(self._run(), key)
+        return max((m.step for m in history), default=None)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Buffer metrics in memory (no I/O); :meth:`flush` or :meth:`finish` writes them.
@@ -142,12 +209,20 @@ class MlflowTracker:
             self._buffer.append((key, float(value), now, step))
 
     def flush(self) -> None:
-        """Write the buffered metrics with ``log_batch`` (at most 1000 per call)."""
-        if self._buffer:
-            from mlflow.entities import Metric
+        """Write the buffered metrics with ``log_batch`` (at most 1000 per call), and the
+        heartbeat when one is due (in the same call)."""
+        beat = self._beats.get(self.run_id) if self.run_id is not None else None
+        value = beat.due() if beat is not None else None
+        if not self._buffer and value is None:
+            return
+        from mlflow.entities import Metric, RunTag
 
-            self._batch("metrics", [Metric(*m) for m in self._buffer], 1000)
-            self._buffer.clear()
+        tags = [RunTag(HEARTBEAT_TAG, value)] if value is not None else []
+        metrics = [Metric(*m) for m in self._buffer]
+        for i in range(0, max(len(metrics), 1), 1000):
+            self._client.log_batch(self._run(), metrics=metrics[i:i + 1000], tags=tags if i == 0 else [],
+                                   synchronous=True)
+        self._buffer.clear()
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Set (or overwrite) run tags."""
@@ -187,14 +262,14 @@ class MlflowTracker:
             status = "FAILED"  # metrics were lost: the run must not look complete
             raise
         finally:
-            self._client.set_terminated(self.run_id, status)
+            self._end_run(self.run_id, status)
 
     def open_sweep_parent(self, sweep_dir: str | Path, run_name: str,
                           tags: Mapping[str, str] | None = None) -> SweepParent:
         """Create the sweep's parent run and record it in ``sweep_dir/mlflow_parent.json``."""
         experiment_id = self._ensure_experiment()
-        run = self._client.create_run(experiment_id, tags=dict(tags or {}), run_name=run_name)
-        parent = SweepParent(run.info.run_id, experiment_id, self.tracking_uri)
+        run_id = self._create_run(experiment_id, dict(tags or {}), run_name)
+        parent = SweepParent(run_id, experiment_id, self.tracking_uri)
         path = Path(sweep_dir) / PARENT_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{PARENT_FILE}.{os.getpid()}.tmp")
@@ -232,7 +307,7 @@ class MlflowTracker:
         """End the parent run with ``status`` (FINISHED, FAILED or KILLED)."""
         if status not in STATUSES:
             raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
-        self._client.set_terminated(parent.run_id, status)
+        self._end_run(parent.run_id, status)
 
     @property
     def run_url_hint(self) -> str:
@@ -252,6 +327,12 @@ class NullTracker:
         return ""
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+    def resume(self, run_id: str) -> str:
+        return ""
+
+    def last_logged_step(self, key: str) -> int | None:
+        return None
+
     def flush(self) -> None: ...
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
