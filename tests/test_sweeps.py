@@ -254,3 +254,15 @@ def test_prewarm_leaves_other_launchers_alone() -> None:
     before = get_start_method()
     PrewarmWorkers().on_multirun_start(compose("+algo=maml", hydra=True))  # the basic (sequential) launcher
     assert get_start_method() == before
+
+
+@pytest.mark.slow
+def test_sweep_without_tracking_runs_every_job(tmp_path: Path) -> None:
+    """``logger=none`` in a multirun: no parent run, and the sweep folder still resolves."""
+    out = tmp_path / "outputs"
+    res = _metarec(out, "train", "-m", "+algo=global", "logger=none", "seed=0,1", "trainer.max_epochs=1",
+                   "trainer.progress=false", "dataset.n_users=120", "dataset.n_items=80")
+    assert res.returncode == 0, res.stderr[-2000:]
+    jobs = sorted(p.name for p in (out / "multiruns").glob("*/*/*") if p.is_dir())
+    assert [j.split("_")[0] for j in jobs] == ["0", "1"]
+    assert not (out / "mlflow.db").exists()

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from metarec_runner.algos.base import MetaAlgorithm
+from metarec_runner.checkpoint import Checkpoint, CheckpointSink, capture_rng, restore_rng
 from metarec_runner.errors import ConfigError, TrainingError, require_choice, require_positive
 from metarec_runner.evaluate.evaluator import EvalResult, QueryEvaluator
 from metarec_runner.evaluate.metric_specs import UnknownMetric, monitor_mode
@@ -38,6 +39,9 @@ class TrainerConfig:
     patience: int = 5
     progress: bool = True
     val_support_size: int | None = None
+    checkpoint: bool = True
+    resume: str | None = None
+    resume_force: bool = False
 
     def __post_init__(self) -> None:
         require_positive("trainer.max_epochs", self.max_epochs)
@@ -129,25 +133,43 @@ class Runner:
         out["sys/train_tasks_per_sec"] = len(train) / seconds
         return out
 
-    def fit(self, train: TaskSet, val: TaskSet) -> FitResult:
+    def fit(self, train: TaskSet, val: TaskSet, checkpoints: CheckpointSink | None = None,
+            resume: Checkpoint | None = None) -> FitResult:
         """Meta-train with validation every epoch and early stopping on ``config.monitor``.
 
         The model ends in its best validation state. An algorithm that ``fits_once`` (the
         closed-form and counting scorers) is fitted by one call instead: :meth:`fit_once`.
+
+        Args:
+            checkpoints: where ``last.pt`` (every epoch) and ``best.pt`` (every improvement) go.
+            resume: a ``last.pt`` to continue from: the algorithm, the best state, the history,
+                the early-stopping counter and every RNG state are put back, so the run ends
+                exactly where an uninterrupted one does. Its epochs are not trained again.
         """
         if self.algo.fits_once:
-            return self.fit_once(train, val)
+            return self.fit_once(train, val, checkpoints)
         result = FitResult()
         best_state = None
         stale = 0
+        first_epoch = 1
+        if resume is not None:
+            best_state, stale, first_epoch = self._resume(resume, result)
+            if first_epoch > self.config.max_epochs or (stale and stale >= max(self.config.patience, 1)):
+                self.console.print(f"resumed after epoch {resume.epoch}: nothing left to train "
+                                   f"(trainer.max_epochs={self.config.max_epochs})", highlight=False)
+                if best_state is not None:
+                    self.algo.load_state_dict(best_state)
+                return result
+            self.console.print(f"resuming after epoch {resume.epoch} (best epoch {result.best_epoch}: "
+                               f"{self.config.monitor}={result.best_value:.4f})", highlight=False)
         with Progress(
             TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
             MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
             console=self.console, disable=not self.config.progress, transient=True,
         ) as progress:
-            bar = progress.add_task("train", total=len(train), epoch=1,
+            bar = progress.add_task("train", total=len(train), epoch=first_epoch,
                                     epochs=self.config.max_epochs, info="")
-            for epoch in range(1, self.config.max_epochs + 1):
+            for epoch in range(first_epoch, self.config.max_epochs + 1):
                 progress.reset(bar, total=len(train), epoch=epoch, epochs=self.config.max_epochs,
                                info=progress.tasks[0].fields.get("info", ""))
                 metrics = self._train_epoch(train, epoch, progress, bar)
@@ -159,14 +181,23 @@ class Runner:
                 if self.config.monitor not in metrics:
                     raise ConfigError("trainer.monitor", f"{self.config.monitor!r} is not computed; "
                                       f"choose one of {', '.join(k for k in metrics if k.startswith('val/'))}")
+                if not math.isfinite(value):
+                    raise TrainingError(f"{self.config.monitor} became {value} at epoch {epoch}; lower "
+                                        "algo.meta_optimizer.lr (or algo.inner_lr) and run again")
                 improved = self._improved(value, result.best_value)
+                state = self.algo.state_dict()
                 if improved:
                     result.best_epoch, result.best_value, stale = epoch, value, 0
-                    best_state = copy.deepcopy(self.algo.state_dict())
+                    best_state = copy.deepcopy(state)
                 else:
                     stale += 1
                 metrics["val/best_" + self.config.monitor[4:]] = result.best_value
                 result.history.append({"epoch": epoch, **metrics})
+                if checkpoints is not None:  # before the metrics are logged: resume re-logs what is missing
+                    checkpoints.write(state, best_state, {
+                        "epoch": epoch, "best_epoch": result.best_epoch, "best_value": result.best_value,
+                        "stale": stale, "history": result.history},
+                        capture_rng({"runner": self, "algo": self.algo}), improved)
                 self.tracker.log_metrics(metrics, step=epoch)
                 self.tracker.flush()
                 self.console.print(
@@ -178,12 +209,27 @@ class Runner:
                 progress.update(bar, info=f"{self.config.monitor}={value:.4f}")
                 if stale and stale >= max(self.config.patience, 1):
                     result.stopped_early = True
+                    self.console.print(
+                        f"early stop at epoch {epoch}: no {self.config.monitor} improvement for {stale} "
+                        f"epochs (trainer.patience={self.config.patience}); best epoch {result.best_epoch}",
+                        highlight=False)
                     break
         if best_state is not None:
             self.algo.load_state_dict(best_state)
         return result
 
-    def fit_once(self, train: TaskSet, val: TaskSet) -> FitResult:
+    def _resume(self, ckpt: Checkpoint, result: FitResult) -> tuple[dict | None, int, int]:
+        """Put a ``last.pt`` back: ``(best state, stale epochs, first epoch to train)``."""
+        meta = ckpt.meta
+        self.algo.load_state_dict(ckpt.algo)
+        best = meta.get("best_value")
+        result.best_epoch = int(meta.get("best_epoch", 0))
+        result.best_value = math.nan if best is None else float(best)
+        result.history = list(meta.get("history", []))
+        restore_rng(ckpt.rng, meta.get("rng", {}), {"runner": self, "algo": self.algo})
+        return ckpt.best_algo, int(meta.get("stale", 0)), ckpt.epoch + 1
+
+    def fit_once(self, train: TaskSet, val: TaskSet, checkpoints: CheckpointSink | None = None) -> FitResult:
         """Fit a closed-form or counting algorithm on the meta-train tasks in one call, then
         validate it once: no epochs, no early stopping, nothing to select (``best_epoch`` 0).
 
@@ -201,7 +247,12 @@ class Runner:
         shown = f"{self.config.monitor}={value:.4f}" if self.config.monitor in metrics else (
             f"{self.config.monitor} not defined for {type(self.algo).__name__}")
         self.console.print(f"fitted once in {seconds:.2f} s (no epochs)  {shown}", highlight=False)
-        return FitResult(best_epoch=0, best_value=value, history=[{"epoch": 0, **metrics}])
+        result = FitResult(best_epoch=0, best_value=value, history=[{"epoch": 0, **metrics}])
+        if checkpoints is not None:
+            checkpoints.write(self.algo.state_dict(), None, {
+                "epoch": 0, "best_epoch": 0, "best_value": value, "stale": 0, "history": result.history},
+                capture_rng({"runner": self, "algo": self.algo}), improved=True, last=False)
+        return result
 
     def test(self, test: TaskSet) -> EvalResult:
         """Adapt on every test task's support set and score its query items."""

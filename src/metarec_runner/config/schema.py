@@ -46,6 +46,9 @@ SCHEMA: dict[str, Spec] = {
     "trainer.monitor_mode": Choice("min", "max", nullable=True),
     "trainer.patience": Int(0, example=5),
     "trainer.progress": Bool(),
+    "trainer.checkpoint": Bool(),
+    "trainer.resume": Text(nullable=True, example="latest"),
+    "trainer.resume_force": Bool(),
     # evaluator (conf/evaluator/*.yaml)
     "evaluator.protocol": Choice(*PROTOCOLS),
     "evaluator.n_negatives": Int(0, example=100),

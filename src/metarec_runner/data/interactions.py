@@ -168,6 +168,40 @@ class Interactions:
                 h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
         return h.hexdigest()[:16]
 
+    def vocabulary(self) -> dict[str, object]:
+        """What maps this dataset's raw values to the codes a model reads (JSON-able), saved with
+        every checkpoint so a trained model can answer raw ids without the dataset files:
+        ``raw_user_ids`` / ``raw_item_ids`` (by code, as strings), ``item_titles`` (by code, or
+        ``None``), ``features`` (each field's tokens, by code), the row ``schema`` and column
+        layout, and the rating scale."""
+        meta = self.metadata
+
+        def strings(key: str, n: int) -> list[str] | None:
+            values = meta.get(key)
+            return None if values is None or len(values) != n else [str(v) for v in values]
+
+        schema = self.schema
+        return {
+            "raw_user_ids": strings("raw_user_ids", self.n_users) or [str(i) for i in range(self.n_users)],
+            "raw_item_ids": strings("raw_item_ids", self.n_items) or [str(i) for i in range(self.n_items)],
+            "item_titles": strings("item_titles", self.n_items),
+            "features": {k: [str(t) for t in v] for k, v in (meta.get("vocab") or {}).items()},
+            "unknown_token": meta.get("unknown_token"),
+            "schema": {"names": list(schema.names), "cardinalities": list(schema.cardinalities),
+                       "widths": list(schema.widths)},
+            "user_feature_columns": [str(c) for c in self.user_features.columns],
+            "user_bags": list(self.user_bags),
+            "item_feature_columns": [str(c) for c in self.item_features.columns],
+            "item_bags": list(self.item_bags),
+            "rating_scale": [float(self.rating_scale[0]), float(self.rating_scale[1])],
+        }
+
+    def item_rows(self) -> torch.Tensor:
+        """``[V, C]`` feature rows of every item for user code 0 (a server replaces the user
+        columns with the new user's): what a saved model scores the catalog with."""
+        items = np.arange(self.n_items)
+        return self.feature_rows(np.zeros_like(items), items)
+
     def summary(self) -> dict[str, object]:
         """Counts worth printing and logging."""
         return {

@@ -105,6 +105,11 @@ def _split_title(title: pd.Series) -> tuple[pd.Series, pd.Series]:
     return title.str.replace(_TITLE_YEAR, "", regex=True), year.astype(object).where(year.notna(), None)
 
 
+def _titled(title: pd.Series, year: pd.Series) -> list[str]:
+    """``Title (year)`` per movie, as MovieLens prints it (``Title`` when the year is unknown)."""
+    return [f"{t} ({y})" if isinstance(y, str) and y else str(t) for t, y in zip(title, year, strict=True)]
+
+
 def parse_movies(path: Path, fmt: str) -> tuple[pd.DataFrame, SourceFile]:
     """``u.item`` / ``movies.dat`` / ``movies.csv`` -> frame: item (int64 raw id), title (str,
     without the year), year (str token or None), genres (list of str); index = data row number."""
@@ -253,7 +258,8 @@ def _build(name: str, files: dict[str, Path], rating_scale: str, duplicates: str
                    "rated_users": int(frame["user"].nunique()),
                    "rated_items": int(frame["item"].nunique()), "duplicates_removed": n_dup},
         **scale_meta, "vocab": vocab, "raw_user_ids": user_ids.astype(np.int64),
-        "raw_item_ids": item_ids.astype(np.int64)}
+        "raw_item_ids": item_ids.astype(np.int64),
+        "item_titles": np.asarray(_titled(movies["title"], movies["year"]), dtype=str)}
     return Interactions(name=name, ratings=frame, user_features=user_features,
                         item_features=item_features, cardinalities=cards, item_bags=item_bags,
                         rating_scale=scale, metadata=metadata)

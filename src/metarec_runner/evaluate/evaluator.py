@@ -36,6 +36,8 @@ raise :class:`~metarec_runner.errors.TrainingError`, which ends the MLflow run a
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -145,6 +147,7 @@ class Evaluator:
         self.adaptation_steps = tuple(int(k) for k in adaptation_steps)
         self.catalog: Catalog | None = None
         self.rating_mean = 0.0
+        self._prepared: OrderedDict[tuple, tuple[weakref.ref, list[_Part]]] = OrderedDict()
 
     @property
     def protocol(self) -> str:
@@ -165,6 +168,7 @@ class Evaluator:
         """Give the evaluator the catalog that full-ranking protocols draw candidates from, and
         the meta-train mean rating (the constant reference's prediction)."""
         self.catalog = catalog
+        self._prepared.clear()
         if rating_mean is not None:
             self.rating_mean = float(rating_mean)
         return self
@@ -214,21 +218,18 @@ class Evaluator:
         """
         if len(tasks) == 0:
             raise ConfigError("splitter.ratios", f"the {split} split has no tasks; give it a larger share")
-        self.check_tasks(tasks, split)
         algo.model.eval()
         dtype = next(algo.model.parameters()).dtype
         streams = _Streams(self.seed)  # the same draws at every call
         references = self.references and split == "test"
         ratings = bool(getattr(algo, "predicts_ratings", True))
         table = TaskTable()
-        for start in range(0, len(tasks), self.batch_size):
-            idx = torch.arange(start, min(start + self.batch_size, len(tasks)))
-            cpu_batch = tasks.batch(idx)
-            batch = cpu_batch.to(device, dtype)
+        for part in self._prepare(tasks, split, device, dtype):
+            batch = part.batch
             scorer = algo.adapt(batch)
             pred_q = scorer.predict(batch.query_x)
             check_finite(pred_q, batch.query_mask)
-            ranked = self._rank(scorer, tasks.task_ids[idx], cpu_batch, batch, pred_q, streams)
+            ranked = self._rank(scorer, part, pred_q, streams)
             trivial = P.ranking_trivial(ranked.relevant, ranked.mask)
             found = self._ranking_metrics(ranked, trivial, streams.reference if references else None)
             q_y, q_mask = batch.query_y, batch.query_mask  # rating metrics: every query item counts
@@ -236,10 +237,9 @@ class Evaluator:
                 found.update(self.scoring.rating(pred_q, q_y, q_mask))
             if references:
                 found.update(R.rating_metrics(self.scoring, q_y, q_mask, self.rating_mean))
-            expected = tasks.query_expected_batch(idx)
-            if expected is not None:
-                found["floor_rmse"] = rmse(expected.to(device, dtype), q_y, q_mask)
-            table.add({"task_id": tasks.task_ids[idx], "n_support": batch.support_mask.sum(-1),
+            if part.expected is not None:
+                found["floor_rmse"] = rmse(part.expected, q_y, q_mask)
+            table.add({"task_id": part.users, "n_support": batch.support_mask.sum(-1),
                        "n_query": q_mask.sum(-1), "n_candidates": ranked.mask.sum(-1),
                        "n_relevant": ranked.relevant.sum(-1), "ranking_trivial": trivial}, found)
         frame = table.frame()
@@ -265,20 +265,47 @@ class Evaluator:
                                              self.rating_mean))
         return {name: v.masked_fill(trivial, float("nan")) for name, v in found.items()}
 
-    def _rank(self, scorer, users: torch.Tensor, cpu_batch: TaskBatch, batch: TaskBatch,
-              pred_q: torch.Tensor, streams: _Streams) -> _Ranked:
-        """The batch's candidates, their relevance and their scores, in the seeded random order
-        that breaks ties among scores. Under ``query_only`` the candidates are the query items
-        (scored already: ``pred_q``); else they come from the catalog and are scored here."""
-        relevant = self.relevant(batch.query_y, batch.query_mask, streams.relevance)
-        if not self.ranking.full_ranking:
-            ranked = _Ranked(pred_q, batch.query_y, batch.query_mask, relevant, batch.query_mask)
+    def _prepare(self, tasks: TaskSet, split: str, device: torch.device, dtype: torch.dtype) -> list[_Part]:
+        """The task set's batches with their candidates and relevance, built once per task set
+        (and device and dtype) and reused at every later call: validation builds them at the
+        first epoch only. The two most recent task sets are kept (validation and test)."""
+        key = (id(tasks), str(device), dtype)
+        hit = self._prepared.get(key)
+        if hit is not None and hit[0]() is tasks:
+            self._prepared.move_to_end(key)
+            return hit[1]
+        self.check_tasks(tasks, split)
+        streams = _Streams(self.seed)  # relevance and negatives: the draws of a fresh call
+        parts = []
+        for start in range(0, len(tasks), self.batch_size):
+            idx = torch.arange(start, min(start + self.batch_size, len(tasks)))
+            cpu_batch = tasks.batch(idx)
+            batch = cpu_batch.to(device, dtype)
+            relevant = self.relevant(batch.query_y, batch.query_mask, streams.relevance)
+            cands = None
+            if self.ranking.full_ranking:
+                cands = build_candidates(
+                    self.protocol, self.catalog, tasks.task_ids[idx], cpu_batch.query_x[..., -1],
+                    batch.query_y.cpu(), batch.query_mask.cpu(), relevant.cpu(), self.ranking.n_negatives,
+                    streams.negatives, cpu_batch.support_x[..., -1], cpu_batch.support_mask,
+                )
+            expected = tasks.query_expected_batch(idx)
+            parts.append(_Part(tasks.task_ids[idx], batch, relevant, cands,
+                               None if expected is None else expected.to(device, dtype)))
+        self._prepared[key] = (weakref.ref(tasks), parts)
+        while len(self._prepared) > _KEEP_PREPARED:
+            self._prepared.popitem(last=False)
+        return parts
+
+    def _rank(self, scorer, part: _Part, pred_q: torch.Tensor, streams: _Streams) -> _Ranked:
+        """The batch's candidates and their scores, in the seeded random order that breaks ties
+        among scores. Under ``query_only`` the candidates are the query items (scored already:
+        ``pred_q``); else they come from the catalog and are scored here."""
+        batch = part.batch
+        if part.candidates is None:
+            ranked = _Ranked(pred_q, batch.query_y, batch.query_mask, part.relevant, batch.query_mask)
         else:
-            cands = build_candidates(
-                self.protocol, self.catalog, users, cpu_batch.query_x[..., -1],
-                batch.query_y.cpu(), batch.query_mask.cpu(), relevant.cpu(), self.ranking.n_negatives,
-                streams.negatives, cpu_batch.support_x[..., -1], cpu_batch.support_mask,
-            )
+            cands = part.candidates
             device, dtype = batch.query_y.device, batch.query_y.dtype
             ranked = _Ranked(self._score_candidates(scorer, cands, device, dtype),
                              cands.target.to(device, dtype), cands.mask.to(device),
@@ -307,6 +334,28 @@ class _Streams:
         self.reference = torch.Generator().manual_seed(seed + 1)  # the random reference scorer
         self.negatives = torch.Generator().manual_seed(seed + 2)  # protocol=sampled's negatives
         self.order = torch.Generator().manual_seed(seed + 3)  # the candidates' order: score ties
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One batch of a task set as every evaluation call reads it, built once (:meth:`Evaluator._prepare`).
+
+    Attributes:
+        users: ``[B]`` task (user) ids; batch: the padded tasks on the model's device and dtype.
+        relevant: ``Bool[B, Q]`` relevance of the query items under the evaluator's rule.
+        candidates: the full-ranking protocol's candidates (CPU), ``None`` under ``query_only``.
+        expected: ``[B, Q]`` Bayes-optimal query predictions, when the data knows them.
+    """
+
+    users: torch.Tensor
+    batch: TaskBatch
+    relevant: torch.Tensor
+    candidates: Candidates | None
+    expected: torch.Tensor | None
+
+
+_KEEP_PREPARED = 2
+"""Task sets whose prepared batches an evaluator keeps (validation and test)."""
 
 
 @dataclass(frozen=True)

@@ -50,10 +50,12 @@ class MlflowSweepParent(Callback):
         return {**self.__dict__, "_tracker": None}
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # lets ${hydra:...} in paths resolve here and in the launcher (hydra.sweep.dir reads
+        # paths.output_root), with or without tracking
+        HydraConfig.instance().set_config(config)
         logger = config.get("logger")
         if logger is None or not str(logger.get("_target_", "")).endswith("MlflowTracker"):
             return
-        HydraConfig.instance().set_config(config)  # lets ${hydra:...} in paths resolve here
         from metarec_runner.tracking import MlflowTracker
 
         sweep_dir = Path(config.hydra.sweep.dir)
