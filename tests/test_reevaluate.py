@@ -6,7 +6,7 @@ import pytest
 from rich.console import Console
 
 from metarec_runner.checkpoint import CheckpointError
-from metarec_runner.errors import ConfigError
+from metarec_runner.errors import ConfigError, MetarecError
 from metarec_runner.reevaluate import evaluate_saved
 from metarec_runner.run import compose, train
 
@@ -46,7 +46,9 @@ def test_bad_runs_and_overrides_are_one_line(trained, tmp_path):
     result, uri = trained
     with pytest.raises(ConfigError, match=r"model\.embedding_dim: metarec evaluate changes only evaluator"):
         evaluate_saved(result.run_id, ["model.embedding_dim=8"], uri)
-    with pytest.raises(CheckpointError, match="no run 'nope'"):
+    with pytest.raises(MetarecError, match="--run 'nope': no such file or folder, and not an MLflow run id"):
         evaluate_saved("nope", [], uri)
+    with pytest.raises(MetarecError, match="no such run in"):
+        evaluate_saved("0123456789abcdef0123456789abcdef", [], uri)
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         evaluate_saved(str(tmp_path / "absent.pt"), [], uri)

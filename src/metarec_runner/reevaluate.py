@@ -18,12 +18,13 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from metarec_runner.checkpoint import BEST, CheckpointError
+from metarec_runner.checkpoint import CheckpointError, load_checkpoint
 from metarec_runner.errors import ConfigError, MetarecError
 from metarec_runner.prepare import Prepared
-from metarec_runner.resume import config_differences, resolve
+from metarec_runner.resume import ResumePoint, config_differences
 from metarec_runner.run import RunContext, compose, job_context
 from metarec_runner.run_outputs import evaluation_curves, print_results, run_tags
+from metarec_runner.serve.locate import resolve_checkpoint
 from metarec_runner.tracking import flatten_config
 
 MAY_CHANGE = ("evaluator", "logger", "device", "threads", "dtype")
@@ -65,8 +66,10 @@ def evaluate_saved(spec: str, overrides: list[str], tracking_uri: str | None = N
     check_overrides(overrides)
     from metarec_runner.paths import default_tracking_uri
 
-    point = resolve(spec, tracking_uri or default_tracking_uri(), None, None, filename=BEST)
-    meta = point.checkpoint.meta
+    path = resolve_checkpoint(spec, tracking_uri or default_tracking_uri())
+    ckpt = load_checkpoint(path)
+    point = ResumePoint(ckpt, path, ckpt.meta.get("run_id") or None)
+    meta = ckpt.meta
     if "overrides" not in meta:
         raise CheckpointError(f"{point.path}: saved without its overrides (an older metarec); train it again")
     uri = ["logger.tracking_uri=" + tracking_uri] if tracking_uri else []

@@ -88,18 +88,17 @@ def process_alive(tags: dict[str, str]) -> bool:
     return int(pid) != os.getpid() and pid_alive(int(pid))
 
 
-def resolve(spec: str, tracking_uri: str | None, experiment: str | None, run_name: str | None,
-            filename: str = LAST) -> ResumePoint:
-    """The checkpoint ``trainer.resume`` (``filename`` = ``last.pt``) or ``metarec evaluate --run``
-    (``best.pt``) names.
+def resolve(spec: str, tracking_uri: str | None, experiment: str | None, run_name: str | None) -> ResumePoint:
+    """The ``last.pt`` that ``trainer.resume`` names (``best.pt`` lookups for serving and
+    re-evaluation: :func:`metarec_runner.serve.locate.resolve_checkpoint`).
 
     Args:
-        spec: a checkpoint path, a run folder holding one, an MLflow run id, or ``latest``: with
-            ``last.pt`` the newest unfinished run of this experiment with this run name, with
-            ``best.pt`` the newest finished run of the store.
+        spec: a checkpoint path, a run folder holding a ``last.pt``, an MLflow run id, or
+            ``latest``: the newest unfinished run of this experiment with this run name.
         tracking_uri, experiment, run_name: the run's store, experiment and name (``None`` when
             untracked: then only paths work).
     """
+    filename = LAST
     path = Path(spec).expanduser()
     if path.is_dir():
         path = path / filename
@@ -113,9 +112,7 @@ def resolve(spec: str, tracking_uri: str | None, experiment: str | None, run_nam
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    if spec == "latest" and filename != LAST:
-        run = _latest_finished(client, filename)
-    elif spec == "latest":
+    if spec == "latest":
         run = _latest(client, experiment, run_name)
     else:
         try:
@@ -123,7 +120,7 @@ def resolve(spec: str, tracking_uri: str | None, experiment: str | None, run_nam
         except MlflowException:
             raise CheckpointError(f"trainer.resume: no run {spec!r} in {tracking_uri}; give a run id "
                                   "(metarec compare lists them), a last.pt path, or latest") from None
-    if filename == LAST and run.info.status == "RUNNING" and process_alive(run.data.tags):
+    if run.info.status == "RUNNING" and process_alive(run.data.tags):
         raise CheckpointError(f"trainer.resume: run {run.info.run_id} is still running (pid "
                               f"{run.data.tags.get('metarec.pid')}); stop it first")
     path = _checkpoint_path(client, run, filename)
@@ -143,19 +140,6 @@ def _latest(client: Any, experiment: str | None, run_name: str | None):
             return run
     raise CheckpointError(f"trainer.resume=latest: no unfinished run named {run_name!r} with a checkpoint in "
                           f"experiment {experiment!r}; give a run id or a last.pt path")
-
-
-def _latest_finished(client: Any, filename: str):
-    from mlflow.entities import ViewType
-
-    exps = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
-    runs = client.search_runs(exps, filter_string="attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"], max_results=50) if exps else []
-    for run in runs:
-        if _local(run, filename) is not None or _has_artifact(client, run, filename):
-            return run
-    raise CheckpointError(f"--run latest: no finished run with a {filename} in {client.tracking_uri}; "
-                          "train one first or give a run id")
 
 
 def _local(run, filename: str) -> Path | None:

@@ -150,6 +150,11 @@ def train(cfg: DictConfig) -> TrainResult:
     try:
         with terminate_as_interrupt():
             fit, test = _fit_and_test(prep, cfg, ctx, point, console)
+            best = ctx.output_dir / BEST
+            if prep.tracker.run_id and best.is_file() and getattr(prep.tracker, "log_model", False):
+                from metarec_runner.serve.pyfunc import log_pyfunc_model
+
+                log_pyfunc_model(prep.tracker, prep.tracker.run_id, best)  # the MLflow model: runs:/<id>/model
         prep.tracker.finish("FINISHED")
     except KeyboardInterrupt:
         prep.tracker.finish("KILLED")

@@ -15,6 +15,7 @@ import typer
 from metarec_runner.cli.compare import compare  # stdlib + typer only: --help stays fast
 from metarec_runner.cli.data import data_app  # stdlib + typer only: --help stays fast
 from metarec_runner.cli.evaluate import evaluate  # stdlib + typer only: --help stays fast
+from metarec_runner.cli.recommend import recommend  # stdlib + typer only: --help stays fast
 from metarec_runner.cli.runs import runs_app  # stdlib + typer only: --help stays fast
 
 app = typer.Typer(
@@ -83,3 +84,4 @@ app.add_typer(data_app, name="data")
 app.add_typer(runs_app, name="runs")
 app.command("compare")(compare)
 app.command("evaluate", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(evaluate)
+app.command("recommend")(recommend)

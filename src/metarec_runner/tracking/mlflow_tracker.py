@@ -56,10 +56,13 @@ class MlflowTracker:
         run_name: the run's ``mlflow.runName``.
         artifact_location: artifact root, used only when the experiment is created; a local
             folder is ignored for a remote (http) tracking server, which stores artifacts itself.
+        log_model: at the end of a run, log its ``best.pt`` as an MLflow pyfunc model
+            (``runs:/<id>/model``: ``mlflow models serve`` answers over REST).
     """
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str | None = None,
-                 artifact_location: str | None = None) -> None:
+                 artifact_location: str | None = None, log_model: bool = True) -> None:
+        self.log_model = bool(log_model)  # log best.pt as an MLflow pyfunc model at the end of a run
         self.tracking_uri = _absolute_uri(tracking_uri)
         self.experiment, self.run_name = experiment, run_name
         self.artifact_location = artifact_location
