@@ -165,13 +165,13 @@ def test_messages_name_the_pair_and_the_models_that_fit():
     with pytest.raises(ConfigError) as err:
         check_compatible(ProtoNet, LinearModel)
     assert str(err.value) == ("model: algo protonet needs a model with item embeddings; model linear "
-                              "has none; use model=fm, gru, melu, mf or mlp")
+                              "has none; use model=fm, gru, melu, mf, mlp or two_tower")
     with pytest.raises(ConfigError) as err:
         check_compatible(MAML, GRUSequenceModel, adapt="head")
     assert str(err.value) == (
         "model: algo maml/fomaml/melu needs a model that scores rows on their own (it never passes "
         "the support set to the model); model gru reads the user's support sequence; use "
-        "algo=protonet with model=gru, or use model=fm, linear, melu, mf or mlp")
+        "algo=protonet with model=gru, or use model=fm, linear, melu, mf, mlp or two_tower")
     check_compatible(_subclass(ProtoNet), GRUSequenceModel)  # the MyProtoNet: accepted
 
 
@@ -183,7 +183,7 @@ def test_an_undeclared_model_is_a_row_scorer_and_is_told_how_to_declare():
     assert provided(NoHead) == {"rowwise"}
     check_compatible(MAML, NoHead, adapt="all")
     with pytest.raises(ConfigError, match=r"model NoHead has no head; use algo\.adapt=all or use "
-                       r"model=fm, linear, melu, mf or mlp, or declare 'head' in a `provides`"):
+                       r"model=fm, linear, melu, mf, mlp or two_tower, or declare 'head' in a `provides`"):
         check_compatible(MAML, NoHead, adapt="head")
 
     class Declared(NoHead):
@@ -205,7 +205,7 @@ def test_suggestions_come_from_the_options_classes(tmp_path, monkeypatch):
     (tmp_path / "model" / "custom.yaml").write_text("_target_: tests.test_capabilities.CustomModel\n")
     monkeypatch.setenv("METAREC_CONF_DIR", str(tmp_path))
     with pytest.raises(ConfigError, match=r"model linear has none; use model=custom, fm, gru, melu, "
-                       r"mf or mlp$"):
+                       r"mf, mlp or two_tower$"):
         check_compatible(ProtoNet, LinearModel)
 
 

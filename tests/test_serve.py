@@ -138,7 +138,8 @@ def test_taskbatch_from_support_builds_the_rows_from_the_saved_vocabulary(traine
     expected = ckpt.item_rows[codes].clone()
     assert torch.equal(batch.support_x[:, :, 3:7], expected[:, 3:7].expand(k, 2, 4))  # item fields kept
     assert (batch.support_x[:, :, 0] == 4).all() and (batch.support_x[:, :, 1] == 5).all()
-    assert (batch.support_x[:, :, vocab.user_id_column] == 0).all()  # new users: user_id 0
+    pseudo = torch.arange(k).view(k, 1).expand(k, 2)
+    assert torch.equal(batch.support_x[:, :, vocab.user_id_column], pseudo)  # user_id: the pseudo-user's index
     assert torch.equal(batch.support_x[:, :, -1], torch.as_tensor(codes).expand(k, 2))
     assert torch.equal(batch.support_y, torch.tensor([[4.0, 2.0]]).expand(k, 2)) and batch.support_mask.all()
 
@@ -236,6 +237,20 @@ def test_other_algorithms_and_models_serve_from_their_checkpoint(overrides):
     top = user.topk(5)
     assert len(top) == 5 and not {"1", "2", "7"} & set(top["item"]) and np.isfinite(top["score"]).all()
     assert len(rec.recommend(None, n=5)) == 5
+
+
+def test_a_ranking_trained_model_adapts_against_negatives_when_served():
+    """loss=softmax: adaptation draws negatives from the checkpoint's catalog, never the user's items."""
+    result = metarec_runner.train(metarec_runner.compose(
+        "+algo=maml", "model=mf", "algo.loss=softmax", "algo.negatives=popularity", "trainer.monitor=val/ndcg_at_10",
+        "dataset.n_users=120", "dataset.n_items=80", "trainer.max_epochs=2", "trainer.progress=false", "logger=none"))
+    rec = metarec_runner.load(result.checkpoint)
+    a = rec.adapt({"1": 5, "2": 5, "7": 5}, user_features=FEATURES)
+    b = rec.adapt({"30": 5, "40": 5, "50": 5}, user_features=FEATURES)
+    assert not {"1", "2", "7"} & set(a.topk(10)["item"]) and not {"30", "40", "50"} & set(b.topk(10)["item"])
+    assert not np.allclose(a.catalog_scores(), b.catalog_scores())  # the support moved the scores
+    again = rec.adapt({"1": 5, "2": 5, "7": 5}, user_features=FEATURES)
+    np.testing.assert_array_equal(a.catalog_scores(), again.catalog_scores())  # seeded negatives
 
 
 # -- the MLflow pyfunc model ---------------------------------------------------------------------

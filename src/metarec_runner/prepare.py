@@ -86,7 +86,8 @@ class Prepared:
         train = self.splits.train
         train_mean = float((train.support_y.sum() + train.query_y.sum())
                            / max(train.support_y.numel() + train.query_y.numel(), 1))
-        self.evaluator.bind(Catalog.from_interactions(self.data), rating_mean=train_mean)
+        catalog = Catalog.from_interactions(self.data)
+        self.evaluator.bind(catalog, rating_mean=train_mean)
         self.evaluator.check_tasks(self.val_tasks, "val")
         self.evaluator.check_tasks(self.splits.test, "test")
         mean = float(self.splits.train.support_y.mean())
@@ -95,6 +96,10 @@ class Prepared:
         # the feature-row layout, for algorithms that read raw fields (group_popularity)
         self.model.schema = self.data.schema
         self.algo = build("algo", cfg.algo, model=self.model)
+        # ranking losses draw negatives from the evaluator's catalog (popularity: meta-train counts)
+        bind = getattr(self.algo, "bind_catalog", None)
+        if bind is not None:
+            bind(catalog, self.splits.train)
         fits_once = self.algo.fits_once
         if (not fits_once and not getattr(self.algo, "predicts_ratings", True)
                 and needs_ratings(self.trainer.monitor)):

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from metarec_runner.algos.compat import check_compatible
-from metarec_runner.algos.functional import LOSSES, FastWeights, masked_loss
+from metarec_runner.algos.functional import LOSSES, FastWeights, TaskLoss, masked_loss
 from metarec_runner.algos.inner_loop import (
     InnerLoop,
     StepSize,
@@ -23,13 +23,20 @@ from metarec_runner.algos.inner_loop import (
     check_touched_rows,
     choose_inner_loop,
 )
+from metarec_runner.algos.ranking_loss import RankingObjective, ranking_objective
+from metarec_runner.algos.support_groups import _min_padding_cuts, split_by_support_size
 from metarec_runner.errors import (
     ConfigError,
     require_choice,
     require_non_negative,
     require_positive,
 )
-from metarec_runner.tasks.taskset import TaskBatch
+from metarec_runner.tasks.negatives import NegativeSampler
+from metarec_runner.tasks.taskset import TaskBatch, TaskSet
+
+if TYPE_CHECKING:
+    from metarec_runner.data.interactions import FeatureSchema
+    from metarec_runner.evaluate.candidates import Catalog
 
 SCOPES = ("head", "all")
 """``head``: adapt the MLP only, on precomputed embeddings (MeLU's local update, ANIL).
@@ -40,7 +47,8 @@ AUX_LOSSES = ("none", "support")
 """Auxiliary meta-objective terms: ``support`` = the base model's loss on the support sets
 before adaptation (a global-model regulariser), weighted by ``aux_weight``."""
 
-__all__ = ["AdaptedScorer", "FastWeights", "MetaAlgorithm", "SupportSGD", "split_by_support_size"]
+__all__ = ["AdaptedScorer", "FastWeights", "MetaAlgorithm", "SupportSGD", "_min_padding_cuts",
+           "split_by_support_size"]
 
 
 @dataclass
@@ -58,74 +66,6 @@ class AdaptedScorer:
         return self.algo.predict(self.params, x)
 
 
-def _min_padding_cuts(sizes: Tensor, groups: int) -> list[int]:
-    """Cut ascending ``sizes [B]`` into ``groups`` contiguous runs with the fewest padded rows.
-
-    A run costs ``len(run) * max(run)``; cuts fall only between distinct sizes. Dynamic
-    programming over the ``m`` distinct sizes (``O(groups m^2)``, vectorised).
-
-    Returns:
-        End positions of the runs (the last is ``B``); fewer runs if ``sizes`` has fewer than
-        ``groups`` distinct values.
-    """
-    values, counts = torch.unique_consecutive(sizes.cpu(), return_counts=True)  # tiny: plan on CPU
-    m = values.shape[0]
-    groups = max(1, min(groups, m))
-    pos = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).double()  # boundaries [m + 1]
-    # span[i, j]: cost of one run from boundary i to boundary j + 1 (inf unless i <= j)
-    span = (pos[None, 1:] - pos[:-1, None]) * values.double()[None, :]
-    span = span.masked_fill(torch.ones(m, m, dtype=torch.bool).tril(-1), float("inf"))
-    cost = torch.full((m + 1,), float("inf"), dtype=torch.float64)
-    cost[0] = 0.0  # cost[j]: fewest padded rows for the sizes before boundary j
-    back = []
-    for _ in range(groups):
-        best, arg = (cost[:-1, None] + span).min(0)
-        cost = torch.cat([cost.new_full((1,), float("inf")), best])
-        back.append(arg)
-    cuts, j = [], m
-    for arg in reversed(back):
-        cuts.append(int(pos[j]))
-        j = int(arg[j - 1])
-    return cuts[::-1]
-
-
-def split_by_support_size(batch: TaskBatch, chunks: int) -> list[TaskBatch]:
-    """Split a meta-batch into groups of tasks with similar support sizes.
-
-    Tasks are sorted by support size and cut into ``min(chunks, distinct sizes)`` runs that
-    minimise the padded support rows; each group is padded only to its own longest support
-    and query set, so batched work on the groups wastes less on padding than on the whole
-    batch. Per-task results are unchanged.
-
-    Args:
-        batch: ``B`` padded tasks.
-        chunks: the largest number of groups; 1 returns ``[batch]``.
-
-    Returns:
-        Sub-batches (shorter ``S`` and ``Q``) whose tasks together are ``batch``'s, in
-        ascending support size.
-    """
-    if chunks <= 1 or batch.size <= 1:
-        return [batch]
-    support_n = batch.support_mask.sum(1)
-    order = torch.argsort(support_n, stable=True)
-    cuts = _min_padding_cuts(support_n[order], chunks)
-    if len(cuts) == 1:
-        return [batch]
-    query_n = batch.query_mask.sum(1)
-    out, start = [], 0
-    for end in cuts:
-        idx = order[start:end]
-        s, q = int(support_n[idx].max()), int(query_n[idx].max())
-        out.append(TaskBatch(
-            batch.support_x[idx, :s], batch.support_y[idx, :s], batch.support_mask[idx, :s],
-            batch.query_x[idx, :q], batch.query_y[idx, :q], batch.query_mask[idx, :q],
-            batch.task_index[idx],
-        ))
-        start = end
-    return out
-
-
 class MetaAlgorithm:
     """Base class.
 
@@ -136,8 +76,14 @@ class MetaAlgorithm:
         touched_rows: adapt embedding tables on each task's touched rows only (``algos.touched``:
             the same numbers as full tables, no per-task table copies); with ``adapt: all`` the
             model must support it (a one-line ConfigError otherwise: set it false).
-        loss: ``mse`` (ratings) or ``bce`` (0/1 labels, predictions are logits), in the inner
-            and the outer loop.
+        loss: ``mse`` (ratings), ``bce`` (0/1 labels, predictions are logits; with
+            ``negatives``: positives against sampled negatives), ``bpr`` or ``softmax`` (ranking
+            losses, ``algos.ranking_loss``), in the inner and the outer loop.
+        negatives: sampled negatives of the ranking losses, ``uniform`` | ``popularity``; None =
+            the loss's own (none for mse and bce, uniform for bpr and softmax).
+        n_negatives: negatives per task, drawn afresh for its support and its query every step.
+        positive_threshold: ranking losses: ratings ``>=`` this are positives (None: every row).
+        seed: seeds the negatives (:class:`~metarec_runner.algos.ranking_loss.RankingObjective`).
         check_fast_path: debug: compare the inner loop's fast path with ``functional_call`` on
             the model's forward, in float64, on the first batch of meta-training and of
             adaptation; a TrainingError if they differ (``inner_loop.check_fast_path``).
@@ -146,6 +92,8 @@ class MetaAlgorithm:
         inner_loop: the :class:`~metarec_runner.algos.inner_loop.InnerLoop` strategy, chosen
             once (on first use, after the subclass has set its step sizes); ``inner_loop.name``
             is what a run logs (:attr:`inner_loop_name`).
+        ranking: the :class:`~metarec_runner.algos.ranking_loss.RankingObjective` of a loss with
+            sampled negatives (None: pointwise); it needs the catalog, :meth:`bind_catalog`.
     """
 
     #: whether ``adapt`` changes anything (False for non-adaptive baselines)
@@ -172,16 +120,24 @@ class MetaAlgorithm:
         touched_rows: bool = True,
         loss: str = "mse",
         check_fast_path: bool = False,
+        negatives: str | None = None,
+        n_negatives: int = 20,
+        positive_threshold: float | None = None,
+        seed: int = 0,
     ) -> None:
         require_choice("adapt", adapt, SCOPES)
         require_choice("loss", loss, LOSSES)
         self.model = model
         self.scope = adapt
+        self.loss = loss
+        self.ranking: RankingObjective | None = ranking_objective(loss, negatives, n_negatives,
+                                                                  positive_threshold, seed)
+        if self.ranking is not None:  # ranking scores, not ratings: RMSE/MAE are not reported
+            self.predicts_ratings = False
         check_compatible(self, model)  # class attributes (algos.compat): one line if incompatible
         if self.sgd_adapts:
             check_touched_rows(model, adapt, bool(touched_rows))
         self.touched_rows = bool(touched_rows)
-        self.loss = loss
         self.check_fast_path = bool(check_fast_path)
         try:
             self.optimizer = meta_optimizer(params=list(model.parameters()))
@@ -213,7 +169,8 @@ class MetaAlgorithm:
             self._inner_loop = choose_inner_loop(
                 self.model, self.scope, self.loss, self.touched_rows,
                 scalar_lr=not isinstance(self.step_sizes(), Mapping),
-                packed_step=self.packs_first_order_step())
+                packed_step=self.packs_first_order_step(),
+                task_loss=getattr(self, "ranking", None) is not None)
         return self._inner_loop
 
     @property
@@ -244,9 +201,27 @@ class MetaAlgorithm:
         """Inputs of :attr:`adapted_module` for feature rows ``x [B, L, F]``."""
         return self.model.body(x) if self.scope == "head" else x
 
+    def bind_catalog(self, catalog: Catalog, train: TaskSet | None = None,
+                     schema: FeatureSchema | None = None) -> None:
+        """Give a ranking loss the catalog its negatives come from (a no-op for pointwise losses).
+
+        Args:
+            catalog: the evaluator's :class:`~metarec_runner.evaluate.candidates.Catalog`.
+            train: the meta-train tasks (``negatives: popularity`` counts their items).
+            schema: the feature schema (None: ``model.schema``, which the run sets).
+        """
+        if getattr(self, "ranking", None) is None:  # scorers and set_ranker never set it
+            return
+        schema = schema if schema is not None else getattr(self.model, "schema", None)
+        if schema is None:
+            raise ConfigError("loss", f"loss={self.loss} needs the dataset's feature schema to find "
+                              "user ids; pass schema= to bind_catalog or set model.schema")
+        self.ranking.bind(NegativeSampler.build(catalog, schema, self.ranking.negatives, train))
+
     def check_labels(self, batch: TaskBatch) -> None:
-        """``bce`` needs 0/1 labels: raise a ConfigError naming ``loss`` otherwise."""
-        if self.loss != "bce":
+        """``bce`` on given labels needs 0/1 labels: raise a ConfigError naming ``loss`` otherwise
+        (with sampled negatives the labels come from ``positive_threshold``)."""
+        if self.loss != "bce" or getattr(self, "ranking", None) is not None:
             return
         for y, m in ((batch.support_y, batch.support_mask), (batch.query_y, batch.query_mask)):
             y = y[m]
@@ -255,32 +230,35 @@ class MetaAlgorithm:
                                   f"{float(y.max()):g}; use loss=mse or binary feedback")
 
     def verify_inner_loop(self, path: str, batch: TaskBatch, lr: StepSize, steps: int,
-                          create_graph: bool, detach: bool) -> None:
+                          create_graph: bool, detach: bool, loss: TaskLoss | None = None,
+                          query_loss: TaskLoss | None = None) -> None:
         """With ``check_fast_path``, :func:`~metarec_runner.algos.inner_loop.check_fast_path` on
-        the first batch of ``path`` (``meta``: meta-training, ``adapt``: adaptation)."""
+        the first batch of ``path`` (``meta``: meta-training, ``adapt``: adaptation); ``loss``
+        and ``query_loss``: an episode's task losses (ranking)."""
         checked = self.__dict__.setdefault("_checked_paths", set())
         if getattr(self, "check_fast_path", False) and path not in checked:
             checked.add(path)
-            check_fast_path(self.inner_loop, batch, lr, steps, create_graph, detach)
+            check_fast_path(self.inner_loop, batch, lr, steps, create_graph, detach, loss, query_loss)
 
     def adapt_fast(self, batch: TaskBatch, lr: StepSize, steps: int, create_graph: bool,
-                   detach: bool) -> tuple[FastWeights, list[Tensor]]:
-        """Fast weights for every task of ``batch`` after ``steps`` support SGD steps.
+                   detach: bool, loss: TaskLoss | None = None) -> tuple[FastWeights, list[Tensor]]:
+        """Fast weights for every task of ``batch`` after ``steps`` support SGD steps (``loss``:
+        the support task loss, None = the pointwise ``loss``).
 
         Returns:
             ``(fast weights, [per-task support loss [B] before each step])``: a
             :class:`~metarec_runner.algos.functional.FastWeights` (a mapping ``{name: [B,
             *shape]}`` that applies itself: ``predict``, ``detach``, ``task_mean``).
         """
-        self.verify_inner_loop("adapt", batch, lr, steps, create_graph, detach)
-        return self.inner_loop.adapt(batch, lr, steps, create_graph, detach)
+        self.verify_inner_loop("adapt", batch, lr, steps, create_graph, detach, loss)
+        return self.inner_loop.adapt(batch, lr, steps, create_graph, detach, loss)
 
-    def adapt_and_score(self, batch: TaskBatch, lr: StepSize, steps: int,
-                        create_graph: bool) -> tuple[Tensor, list[Tensor]]:
+    def adapt_and_score(self, batch: TaskBatch, lr: StepSize, steps: int, create_graph: bool,
+                        loss: TaskLoss | None = None) -> tuple[Tensor, list[Tensor]]:
         """Query scores ``[B, Q]`` after ``steps`` support SGD steps, differentiable w.r.t. the
         model, and ``[per-task support loss [B] before each step]`` (the numbers of
         :meth:`adapt_fast` then :meth:`predict` on ``batch.query_x``, faster)."""
-        return self.inner_loop.adapt_and_score(batch, lr, steps, create_graph)
+        return self.inner_loop.adapt_and_score(batch, lr, steps, create_graph, loss)
 
     def predict(self, params: Mapping[str, Tensor] | None, x: Tensor) -> Tensor:
         """Scores ``[B, L]`` for rows ``x [B, L, F]`` with per-task ``params`` (None = base)."""
@@ -299,17 +277,27 @@ class MetaAlgorithm:
 
     # -- state for checkpoints and best-model restore ------------------------------------
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        """``model`` and ``optimizer`` (and ``negatives``, the draws' generator, with a ranking loss)."""
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if getattr(self, "ranking", None) is not None:
+            state["negatives"] = self.ranking.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if getattr(self, "ranking", None) is not None and "negatives" in state:
+            self.ranking.load_state_dict(state["negatives"])
 
     def sgd_adapt(self, batch: TaskBatch, lr: StepSize, steps: int) -> AdaptedScorer:
         """Test-time adaptation: ``steps`` SGD steps on each support set, starting from the
         current weights, with no graph back to them (the model is left unchanged)."""
+        loss = None
+        if self.ranking is not None:  # the support's negatives, the same at every evaluation
+            episode = self.ranking.episode(batch, self.ranking.adapt_generator(batch))
+            batch, loss = episode.batch, episode.support.loss
         with torch.enable_grad():
-            fast, _ = self.adapt_fast(batch, lr, steps, create_graph=False, detach=True)
+            fast, _ = self.adapt_fast(batch, lr, steps, create_graph=False, detach=True, loss=loss)
         return AdaptedScorer(self, self.inner_loop.wrap(fast).detach())
 
     def _outer_update(self, loss: Tensor) -> None:
@@ -322,8 +310,8 @@ class SupportSGD(MetaAlgorithm):
     """An algorithm that adapts by SGD on each task's support set (the MAML family, Reptile).
 
     Args:
-        model, meta_optimizer, adapt, touched_rows, loss, check_fast_path: see
-            :class:`MetaAlgorithm`.
+        model, meta_optimizer, adapt, touched_rows, loss, check_fast_path, negatives,
+            n_negatives, positive_threshold, seed: see :class:`MetaAlgorithm`.
         inner_lr: inner SGD step size.
         inner_steps: inner steps during meta-training.
         eval_inner_steps: inner steps at validation/test time (None = ``inner_steps``).
@@ -348,8 +336,13 @@ class SupportSGD(MetaAlgorithm):
         aux_loss: str = "none",
         aux_weight: float = 0.0,
         check_fast_path: bool = False,
+        negatives: str | None = None,
+        n_negatives: int = 20,
+        positive_threshold: float | None = None,
+        seed: int = 0,
     ) -> None:
-        super().__init__(model, meta_optimizer, adapt, touched_rows, loss, check_fast_path)
+        super().__init__(model, meta_optimizer, adapt, touched_rows, loss, check_fast_path,
+                         negatives, n_negatives, positive_threshold, seed)
         require_positive("inner_lr", inner_lr)
         require_positive("inner_steps", inner_steps)
         if eval_inner_steps is not None:
@@ -373,7 +366,11 @@ class SupportSGD(MetaAlgorithm):
 
     def aux_objective(self, batch: TaskBatch) -> Tensor:
         """Sum over the ``B`` tasks of the auxiliary term (``support``: the base model's
-        per-task support loss before adaptation); differentiable w.r.t. the model."""
+        per-task support loss before adaptation, against fresh negatives with a ranking loss);
+        differentiable w.r.t. the model."""
+        if self.ranking is not None:
+            episode = self.ranking.episode(batch)
+            return episode.support.loss(self.model(episode.batch.support_x)).sum()
         pred = self.model(batch.support_x)
         return masked_loss(pred, batch.support_y, batch.support_mask, self.loss).sum()
 

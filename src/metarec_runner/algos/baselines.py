@@ -24,7 +24,10 @@ class GlobalModel(MetaAlgorithm):
 
     Args:
         model, meta_optimizer: see :class:`MetaAlgorithm`.
-        loss: ``mse`` (ratings) or ``bce`` (0/1 labels; scores are logits).
+        loss: ``mse`` (ratings), ``bce`` (0/1 labels; scores are logits), or a ranking loss
+            (``bpr``, ``softmax``, ``bce`` with ``negatives``): every positive of a task (support
+            and query) against the task's sampled negatives.
+        negatives, n_negatives, positive_threshold, seed: see :class:`MetaAlgorithm`.
     """
 
     adapts = False
@@ -32,13 +35,22 @@ class GlobalModel(MetaAlgorithm):
     requires: ClassVar[frozenset[str]] = frozenset({"rowwise"})
 
     def __init__(
-        self, model: nn.Module, meta_optimizer: Callable[..., torch.optim.Optimizer], loss: str = "mse"
+        self, model: nn.Module, meta_optimizer: Callable[..., torch.optim.Optimizer], loss: str = "mse",
+        negatives: str | None = None, n_negatives: int = 20, positive_threshold: float | None = None,
+        seed: int = 0,
     ) -> None:
-        super().__init__(model, meta_optimizer, adapt="all", loss=loss)
+        super().__init__(model, meta_optimizer, adapt="all", loss=loss, negatives=negatives,
+                         n_negatives=n_negatives, positive_threshold=positive_threshold, seed=seed)
 
     def meta_step(self, batch: TaskBatch) -> dict[str, float]:
-        """One optimizer step on the mean loss over every real support and query row."""
+        """One optimizer step on the mean loss over every real support and query row (a ranking
+        loss: the mean over tasks of the pooled positives against both draws of negatives)."""
         self.check_labels(batch)
+        if self.ranking is not None:
+            ep = self.ranking.episode(batch)
+            loss = ep.pooled_loss(self.model(ep.batch.support_x), self.model(ep.batch.query_x)).mean()
+            self._outer_update(loss)
+            return {"loss": loss.item()}
         pred_s, pred_q = self.model(batch.support_x), self.model(batch.query_x)
         err = torch.cat([pointwise_loss(pred_s, batch.support_y, self.loss) * batch.support_mask,
                          pointwise_loss(pred_q, batch.query_y, self.loss) * batch.query_mask], dim=1)
@@ -55,11 +67,13 @@ class Finetune(GlobalModel):
     """Global model, then ``finetune_steps`` SGD steps per test user on its support set.
 
     Args:
-        model, meta_optimizer, loss: as :class:`GlobalModel` (``loss`` also drives fine-tuning).
+        model, meta_optimizer, loss: as :class:`GlobalModel` (``loss`` also drives fine-tuning:
+            a ranking loss fine-tunes on the support's positives against sampled negatives).
         adapt: which parameters fine-tune (``head`` or ``all``).
         finetune_lr: SGD step size at adaptation time.
         finetune_steps: SGD steps at adaptation time.
-        touched_rows, check_fast_path: see :class:`MetaAlgorithm` (fine-tuning's inner loop).
+        touched_rows, check_fast_path, negatives, n_negatives, positive_threshold, seed: see
+            :class:`MetaAlgorithm` (fine-tuning's inner loop).
     """
 
     adapts = True
@@ -75,8 +89,13 @@ class Finetune(GlobalModel):
         loss: str = "mse",
         touched_rows: bool = True,
         check_fast_path: bool = False,
+        negatives: str | None = None,
+        n_negatives: int = 20,
+        positive_threshold: float | None = None,
+        seed: int = 0,
     ) -> None:
-        MetaAlgorithm.__init__(self, model, meta_optimizer, adapt, touched_rows, loss, check_fast_path)
+        MetaAlgorithm.__init__(self, model, meta_optimizer, adapt, touched_rows, loss, check_fast_path,
+                               negatives, n_negatives, positive_threshold, seed)
         require_positive("finetune_lr", finetune_lr)
         require_positive("finetune_steps", finetune_steps)
         self.finetune_lr = float(finetune_lr)

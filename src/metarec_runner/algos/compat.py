@@ -31,6 +31,11 @@ Capabilities (:data:`CAPABILITIES`):
   not ``rowwise``.
 - ``catalog``: scores a user state against every item of the catalog in one matmul (the set
   encoder), needed by the set ranker's softmax over the catalog.
+- ``item_ids``: reads the row's item id, needed by an algorithm object whose loss ranks sampled
+  negatives (``bpr``, ``softmax``, ``bce`` with ``negatives``; ``algos.ranking_loss``): without
+  ids a negative sharing a positive's side features gets its score. A model object provides it
+  when one of its field embeddings (a submodule's ``fields``) includes ``item_id``; a class may
+  declare it. A ranking loss on a model without it stops with one line naming ``loss``.
 
 A model class without a ``provides`` attribute is taken as a plain row scorer (``rowwise``
 only). An algorithm class without ``requires`` needs nothing (:class:`MetaAlgorithm`'s default,
@@ -65,6 +70,7 @@ CAPABILITIES: dict[str, str] = {
     "item_embedding": "item_embedding(x) -> [..., d] and item_embedding_dim",
     "sequence": "encode_support(support_x, support_y, support_mask) and score(state, x)",
     "catalog": "scores a user state against the whole catalog in one matmul (catalog_scores)",
+    "item_ids": "reads the item id of a row (a field embedding over item_id)",
 }
 
 #: what an algorithm needing a capability needs, as the error message says it
@@ -74,6 +80,7 @@ _WHAT = {
     "item_embedding": "a model with item embeddings",
     "sequence": "a model that reads the support sequence",
     "catalog": "a model that scores the whole catalog from a user state (model=set_encoder)",
+    "item_ids": "a model that reads item ids",
 }
 #: what a model lacking a capability is, as the error message says it (``model X ...``)
 _LACKS = {
@@ -82,6 +89,7 @@ _LACKS = {
     "item_embedding": "has none",
     "sequence": "does not read the support sequence",
     "catalog": "does not score the whole catalog from a user state",
+    "item_ids": "does not read item_id",
 }
 #: a README table cell for a lacking model (``no: ...``)
 _CELL_LACKS = {
@@ -90,6 +98,7 @@ _CELL_LACKS = {
     "item_embedding": "no item embeddings",
     "sequence": "does not read the support sequence",
     "catalog": "no catalog scoring",
+    "item_ids": "no item ids",
 }
 #: a README table cell for a model whose capability the algorithm uses (``yes (...)``)
 _CELL_USES = {
@@ -98,6 +107,7 @@ _CELL_USES = {
     "item_embedding": "its item embeddings",
     "sequence": "its state over the support sequence",
     "catalog": "scores the catalog",
+    "item_ids": "reads item ids",
 }
 #: a README table row label for algorithms requiring a set of capabilities
 _ROW_NEEDS = {
@@ -106,6 +116,7 @@ _ROW_NEEDS = {
     "item_embedding": "need item embeddings",
     "sequence": "need a sequence model",
     "catalog": "need a catalog scorer",
+    "item_ids": "need item ids",
 }
 
 TABLE_HEADER = "algo \\ model"
@@ -119,11 +130,21 @@ def _class(obj: object) -> type:
     return obj if isinstance(obj, type) else type(obj)
 
 
+def reads_item_ids(model: nn.Module) -> bool:
+    """Whether a model object embeds the ``item_id`` field (a submodule's ``fields`` has it)."""
+    return any("item_id" in getattr(m, "fields", ()) for m in model.modules()
+               if isinstance(getattr(m, "fields", None), tuple | list))
+
+
 def provided(model: nn.Module | type) -> frozenset[str]:
     """What a model (object or class) provides: its class's ``provides`` (through the MRO),
-    ``{"rowwise"}`` if it declares none."""
+    ``{"rowwise"}`` if it declares none; a model object also provides ``item_ids`` when it
+    reads them (:func:`reads_item_ids`)."""
     declared = getattr(_class(model), "provides", None)
-    return frozenset({"rowwise"}) if declared is None else frozenset(declared)
+    have = frozenset({"rowwise"}) if declared is None else frozenset(declared)
+    if isinstance(model, nn.Module) and "item_ids" not in have and reads_item_ids(model):
+        have |= {"item_ids"}
+    return have
 
 
 def used(algo: object) -> frozenset[str]:
@@ -136,9 +157,12 @@ def required(algo: object, adapt: str | None = None) -> frozenset[str]:
     """What an algorithm (object or class) requires of its model.
 
     Its class's ``requires`` (through the MRO), plus ``head`` when it adapts the head only:
-    ``adapt == "head"``, or for an object with ``adapt=None``, its ``scope`` is ``head``.
+    ``adapt == "head"``, or for an object with ``adapt=None``, its ``scope`` is ``head``; plus
+    ``item_ids`` for an object whose loss ranks sampled negatives (its ``ranking`` is set).
     """
     needs = set(getattr(_class(algo), "requires", ()))
+    if not isinstance(algo, type) and getattr(algo, "ranking", None) is not None:
+        needs.add("item_ids")
     if adapt is None and not isinstance(algo, type):
         adapt = getattr(algo, "scope", None)
     if adapt == "head":
@@ -247,6 +271,11 @@ def check_compatible(algo: object, model: nn.Module | type, adapt: str | None = 
         return
     need, needs, have = lacking[0], required(algo, adapt), provided(model)
     model_name = _name("model", model)
+    if need == "item_ids":
+        raise ConfigError("loss", f"loss={algo.loss} ranks sampled negatives against the user's items, "
+                          f"which needs a model that reads item ids; model {model_name} does not read "
+                          "item_id; add item_id to model.fields / model.item_fields (or set them to "
+                          "null), or use loss=mse")
     fits = [n for n, cls in sorted(builtin_classes("model").items()) if needs <= provided(cls)]
     fix = f"use model={_or(fits)}" if fits else "use another model"
     if need == "head":

@@ -177,22 +177,49 @@ class DenseFastWeights(FastWeights):
         return iter(self.params)
 
 
-LOSSES = ("mse", "bce")
+LOSSES = ("mse", "bce", "bpr", "softmax")
 """``mse``: squared error on ratings. ``bce``: binary cross-entropy on 0/1 labels, predictions
-are logits (implicit feedback)."""
+are logits (implicit feedback); with sampled negatives, positives against them. ``bpr`` and
+``softmax``: a task's positives against its sampled negatives (``algos.ranking_loss``)."""
+
+POINTWISE_LOSSES = ("mse", "bce")
+"""The losses :func:`pointwise_loss` computes row by row from a target."""
+
+TaskLoss = Callable[[Tensor], Tensor]
+"""A per-task loss of scores: ``loss(pred [B, L]) -> [B]`` (what the inner loops minimise)."""
 
 
-def pointwise_loss(pred: Tensor, target: Tensor, kind: str = "mse") -> Tensor:
+def pointwise_loss(pred: Tensor, target: Tensor, kind: str | TaskLoss = "mse") -> Tensor:
     """Elementwise loss ``[B, L]`` of predictions ``pred`` against ``target`` (both ``[B, L]``).
 
     ``mse``: ``(pred - target)^2``. ``bce``: ``-(y log sigmoid(pred) + (1 - y) log(1 -
-    sigmoid(pred)))``, computed stably from the logits ``pred``.
+    sigmoid(pred)))``, computed stably from the logits ``pred``. ``kind`` may also be a
+    :data:`TaskLoss` (a ranking loss): its value per task, spread over the task's rows, so
+    that weighted by :func:`row_weights` (which sum to 1 over a task's real rows) the rows give
+    back the task loss and its gradient; this is how the kernel-form inner loop of
+    ``algos.fixed_input`` takes a ranking loss (``target`` is then unused).
     """
+    if callable(kind):  # a task loss, broadcast over the rows (see the docstring)
+        return kind(pred).unsqueeze(-1).expand_as(pred)
     if kind == "mse":
         return (pred - target).square()
     if kind == "bce":
         return F.binary_cross_entropy_with_logits(pred, target, reduction="none")
+    if kind in LOSSES:
+        raise ValueError(f"loss {kind!r} compares positives with sampled negatives, not rows with a "
+                         "target: pass the episode's task loss (algos.ranking_loss.Episode)")
     raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
+
+
+def pointwise_task_loss(target: Tensor, mask: Tensor, kind: str = "mse") -> TaskLoss:
+    """The task loss ``pred [B, L] -> [B]`` of :func:`masked_loss` on ``target`` and ``mask``
+    (``[B, L]``), its row weights computed once (the same numbers as :func:`masked_loss`)."""
+    weights = row_weights(mask, target.dtype)
+
+    def loss(pred: Tensor) -> Tensor:
+        return (pointwise_loss(pred, target, kind) * weights).sum(-1)
+
+    return loss
 
 
 def masked_loss(pred: Tensor, target: Tensor, mask: Tensor, kind: str = "mse") -> Tensor:
@@ -226,7 +253,7 @@ def inner_loop(
     lr: float | Mapping[str, Tensor],
     steps: int,
     create_graph: bool,
-    loss: str = "mse",
+    loss: str | TaskLoss = "mse",
     forward: Callable[[Params, Tensor], Tensor] | None = None,
 ) -> tuple[Params, list[Tensor]]:
     """``steps`` SGD steps on every task's support loss, all tasks at once.
@@ -240,7 +267,8 @@ def inner_loop(
         steps: number of inner steps ``K``.
         create_graph: keep the updates differentiable (second order); False = first order
             (gradients are constants, so the meta-gradient skips the Hessian terms).
-        loss: ``mse`` or ``bce`` (see :func:`pointwise_loss`).
+        loss: ``mse`` or ``bce`` on ``target`` (see :func:`pointwise_task_loss`), or a
+            :data:`TaskLoss` of the scores (a ranking loss: ``target`` is then unused).
         forward: ``forward(params, inputs) -> [B, S]`` scores with per-task weights; None =
             :func:`batched_forward` on ``module``.
 
@@ -255,10 +283,10 @@ def inner_loop(
 
     losses: list[Tensor] = []
     names = list(params)
-    weights = row_weights(mask, target.dtype)
+    task_loss_of = loss if callable(loss) else pointwise_task_loss(target, mask, loss)
     for _ in range(steps):
         pred = forward(params, inputs)
-        task_loss = (pointwise_loss(pred, target, loss) * weights).sum(-1)
+        task_loss = task_loss_of(pred)
         grads = torch.autograd.grad(
             task_loss.sum(), [params[n] for n in names], create_graph=create_graph
         )

@@ -45,6 +45,7 @@ from metarec_runner.algos.functional import (
     DenseFastWeights,
     FastWeights,
     Params,
+    TaskLoss,
     batched_forward,
     expand_params,
     has_exact_fast_path,
@@ -72,7 +73,14 @@ class InnerLoop:
     Args:
         model: the model (``body(x)`` and ``head`` for ``adapt: head``).
         scope: ``head`` (adapt ``model.head`` on ``model.body(x)``) or ``all``.
-        loss: ``mse`` or ``bce`` (``functional.pointwise_loss``), inner loop and query scores.
+        loss: ``mse`` or ``bce`` (``functional.pointwise_loss``), inner loop and query scores; a
+            ranking loss (``algos.ranking_loss``) is passed to every call as a task loss instead.
+
+    Every entry point takes ``loss``: None = the pointwise ``loss`` on the support ratings, or a
+    :data:`~metarec_runner.algos.functional.TaskLoss` of the support scores ``[B, S] -> [B]``
+    (a ranking loss of an :class:`~metarec_runner.algos.ranking_loss.Episode`, whose support rows
+    hold the sampled negatives). The kernel form (``fixed_input``) takes a task loss too
+    (``functional.pointwise_loss``); the packed first-order step is pointwise only.
     """
 
     #: the strategy's name (logged by the run)
@@ -129,12 +137,13 @@ class InnerLoop:
         return DenseFastWeights(self.module, params, self.hand_batched, self.features)
 
     def adapt(self, batch: TaskBatch, lr: StepSize, steps: int, create_graph: bool,
-              detach: bool) -> tuple[FastWeights, list[Tensor]]:
+              detach: bool, loss: TaskLoss | None = None) -> tuple[FastWeights, list[Tensor]]:
         """Fast weights for every task of ``batch`` after ``steps`` support SGD steps.
 
         Args:
             detach: start from detached copies (test-time adaptation, Reptile): no graph back
                 to the model.
+            loss: the support loss (None: the pointwise ``loss``; see the class docstring).
 
         Returns:
             ``(fast weights, [per-task support loss [B] before each step])``.
@@ -142,24 +151,24 @@ class InnerLoop:
         inputs = self.real_inputs(batch.support_x, batch.support_mask)
         if detach and inputs.is_floating_point():
             inputs = inputs.detach()
-        return self._adapt(inputs, batch, lr, steps, create_graph, detach)
+        return self._adapt(inputs, batch, lr, steps, create_graph, detach, loss)
 
-    def adapt_and_score(self, batch: TaskBatch, lr: StepSize, steps: int,
-                        create_graph: bool) -> tuple[Tensor, list[Tensor]]:
+    def adapt_and_score(self, batch: TaskBatch, lr: StepSize, steps: int, create_graph: bool,
+                        loss: TaskLoss | None = None) -> tuple[Tensor, list[Tensor]]:
         """Query scores ``[B, Q]`` after ``steps`` support SGD steps, differentiable w.r.t. the
         model (the numbers of :meth:`adapt` then ``predict(batch.query_x)``, faster), and the
         per-task support losses ``[B]`` before each step."""
         support, query = self._support_and_query(batch, create_graph)
-        fast, losses = self._adapt(support, batch, lr, steps, create_graph, detach=False)
+        fast, losses = self._adapt(support, batch, lr, steps, create_graph, False, loss)
         return fast.forward(query), losses
 
-    def _adapt(self, inputs: Tensor, batch: TaskBatch, lr: StepSize, steps: int,
-               create_graph: bool, detach: bool) -> tuple[FastWeights, list[Tensor]]:
+    def _adapt(self, inputs: Tensor, batch: TaskBatch, lr: StepSize, steps: int, create_graph: bool,
+               detach: bool, loss: TaskLoss | None = None) -> tuple[FastWeights, list[Tensor]]:
         """Dense per-task weights from the module's own, ``steps`` steps on ``inputs``."""
         params = expand_params(self.module, batch.size, detach=detach)
         params, losses = inner_loop(self.module, params, inputs, batch.support_y,
-                                    batch.support_mask, lr, steps, create_graph, self.loss,
-                                    forward=self._forward)
+                                    batch.support_mask, lr, steps, create_graph,
+                                    self.loss if loss is None else loss, forward=self._forward)
         return self.wrap(params), losses
 
     def _forward(self, params: Params, h: Tensor) -> Tensor:
@@ -191,19 +200,19 @@ class FixedInputInnerLoop(BatchedInnerLoop):
         return not isinstance(lr, Mapping) and fixed_input_pays_off(self.module, support_len, steps)
 
     def adapt(self, batch: TaskBatch, lr: StepSize, steps: int, create_graph: bool,
-              detach: bool) -> tuple[FastWeights, list[Tensor]]:
-        fast, losses = super().adapt(batch, lr, steps, create_graph, detach)
-        if self.uses_fixed_input(lr, batch.support_x.shape[1], steps):  # explicit for scoring
-            fast = self.wrap(fast.materialize())
+              detach: bool, loss: TaskLoss | None = None) -> tuple[FastWeights, list[Tensor]]:
+        fast, losses = super().adapt(batch, lr, steps, create_graph, detach, loss)
+        if self.uses_fixed_input(lr, batch.support_x.shape[1], steps):
+            fast = self.wrap(fast.materialize())  # explicit for scoring
         return fast, losses
 
-    def _adapt(self, inputs: Tensor, batch: TaskBatch, lr: StepSize, steps: int,
-               create_graph: bool, detach: bool) -> tuple[FastWeights, list[Tensor]]:
+    def _adapt(self, inputs: Tensor, batch: TaskBatch, lr: StepSize, steps: int, create_graph: bool,
+               detach: bool, loss: TaskLoss | None = None) -> tuple[FastWeights, list[Tensor]]:
         if not self.uses_fixed_input(lr, inputs.shape[1], steps):
-            return super()._adapt(inputs, batch, lr, steps, create_graph, detach)
+            return super()._adapt(inputs, batch, lr, steps, create_graph, detach, loss)
         fast, losses = fixed_input_inner_loop(self.module, inputs, batch.support_y,
                                               batch.support_mask, lr, steps, create_graph,
-                                              detach, self.loss)
+                                              detach, self.loss if loss is None else loss)
         fast.features = self.features
         return fast, losses
 
@@ -221,10 +230,10 @@ class PackedFirstOrderInnerLoop(FixedInputInnerLoop):
     def groups_pay_off(self, lr: StepSize, steps: int, create_graph: bool) -> bool:
         return not self.packs(lr, steps, create_graph)
 
-    def adapt_and_score(self, batch: TaskBatch, lr: StepSize, steps: int,
-                        create_graph: bool) -> tuple[Tensor, list[Tensor]]:
-        if not self.packs(lr, steps, create_graph):
-            return super().adapt_and_score(batch, lr, steps, create_graph)
+    def adapt_and_score(self, batch: TaskBatch, lr: StepSize, steps: int, create_graph: bool,
+                        loss: TaskLoss | None = None) -> tuple[Tensor, list[Tensor]]:
+        if loss is not None or not self.packs(lr, steps, create_graph):
+            return super().adapt_and_score(batch, lr, steps, create_graph, loss)
         support, query = self._support_and_query(batch, create_graph)
         fast, losses = packed_first_order_step(self.module, support, batch.support_y,
                                                batch.support_mask, lr, self.loss)
@@ -238,16 +247,17 @@ class TouchedRowsInnerLoop(InnerLoop):
     hand_batched: ClassVar[bool] = True
 
     def adapt(self, batch: TaskBatch, lr: StepSize, steps: int, create_graph: bool,
-              detach: bool) -> tuple[FastWeights, list[Tensor]]:
+              detach: bool, loss: TaskLoss | None = None) -> tuple[FastWeights, list[Tensor]]:
+        # a task loss goes through touched_inner_loop to functional.inner_loop unchanged
         fast, losses = touched_inner_loop(self.module, self.inputs(batch.support_x),
                                           batch.support_y, batch.support_mask, lr, steps,
-                                          create_graph, detach, self.loss)
+                                          create_graph, detach, self.loss if loss is None else loss)
         fast.features = self.features
         return fast, losses
 
-    def adapt_and_score(self, batch: TaskBatch, lr: StepSize, steps: int,
-                        create_graph: bool) -> tuple[Tensor, list[Tensor]]:
-        fast, losses = self.adapt(batch, lr, steps, create_graph, detach=False)
+    def adapt_and_score(self, batch: TaskBatch, lr: StepSize, steps: int, create_graph: bool,
+                        loss: TaskLoss | None = None) -> tuple[Tensor, list[Tensor]]:
+        fast, losses = self.adapt(batch, lr, steps, create_graph, False, loss)
         return fast.predict(batch.query_x), losses
 
 
@@ -270,7 +280,7 @@ def check_touched_rows(model: nn.Module, scope: str, touched_rows: bool) -> None
 
 
 def choose_inner_loop(model: nn.Module, scope: str, loss: str, touched_rows: bool,
-                      scalar_lr: bool, packed_step: bool) -> InnerLoop:
+                      scalar_lr: bool, packed_step: bool, task_loss: bool = False) -> InnerLoop:
     """The strategy for an algorithm (see the module docstring for the order).
 
     Args:
@@ -278,14 +288,16 @@ def choose_inner_loop(model: nn.Module, scope: str, loss: str, touched_rows: boo
         touched_rows: adapt tables on touched rows where the adapted module supports it.
         scalar_lr: the inner step size is one scalar (Meta-SGD's per-parameter ones are not).
         packed_step: meta-training takes one first-order inner step.
+        task_loss: the support loss is a task loss (a ranking loss): no ``packed_first_order``
+            (its packed rows are scored one by one), ``fixed_input`` instead.
     """
     module = model.head if scope == "head" else model
     exact = has_exact_fast_path(module, "forward_batched")
     if touched_rows and supports_touched_rows(module):
         cls: type[InnerLoop] = TouchedRowsInnerLoop
     elif exact and scalar_lr and has_fixed_input_path(module):
-        cls = PackedFirstOrderInnerLoop if packed_step and has_packed_first_step(module) \
-            else FixedInputInnerLoop
+        packs = packed_step and not task_loss and has_packed_first_step(module)
+        cls = PackedFirstOrderInnerLoop if packs else FixedInputInnerLoop
     else:
         cls = BatchedInnerLoop if exact else InnerLoop
     return cls(model, scope, loss)
@@ -295,17 +307,19 @@ def _relative(value: Tensor, reference: Tensor, floor: float) -> float:
     return float((value - reference).abs().max()) / max(float(reference.abs().max()), floor, 1e-300)
 
 
-def _quantities(loop: InnerLoop, batch: TaskBatch, lr: StepSize, steps: int,
-                create_graph: bool, detach: bool) -> dict[str, Tensor]:
+def _quantities(loop: InnerLoop, batch: TaskBatch, lr: StepSize, steps: int, create_graph: bool,
+                detach: bool, support_loss: TaskLoss | None = None,
+                query_loss: TaskLoss | None = None) -> dict[str, Tensor]:
     """What :func:`check_fast_path` compares: the query loss and inner loss, then the
     meta-gradients (meta-training) or the adapted weights' task means (adaptation)."""
     params = dict(loop.model.named_parameters())
     if detach:
-        fast, losses = loop.adapt(batch, lr, steps, create_graph, detach=True)
+        fast, losses = loop.adapt(batch, lr, steps, create_graph, True, support_loss)
         scores = fast.predict(batch.query_x)
     else:
-        scores, losses = loop.adapt_and_score(batch, lr, steps, create_graph)
-    loss = masked_loss(scores, batch.query_y, batch.query_mask, loop.loss).mean()
+        scores, losses = loop.adapt_and_score(batch, lr, steps, create_graph, support_loss)
+    loss = (masked_loss(scores, batch.query_y, batch.query_mask, loop.loss) if query_loss is None
+            else query_loss(scores)).mean()
     out = {"the query loss": loss.detach(), "the inner loss": losses[0].mean()}
     if detach:
         out.update({f"adapted {n} (task mean)": fast.task_mean(n).detach()
@@ -317,13 +331,15 @@ def _quantities(loop: InnerLoop, batch: TaskBatch, lr: StepSize, steps: int,
     return out
 
 
-def check_fast_path(loop: InnerLoop, batch: TaskBatch, lr: StepSize, steps: int,
-                    create_graph: bool, detach: bool) -> None:
+def check_fast_path(loop: InnerLoop, batch: TaskBatch, lr: StepSize, steps: int, create_graph: bool,
+                    detach: bool, support_loss: TaskLoss | None = None,
+                    query_loss: TaskLoss | None = None) -> None:
     """Compare ``loop`` with the ``functional`` strategy on ``batch`` in float64 (a copy of the
     model): the query loss, the inner loss and the meta-gradients (``detach``: the adapted
     weights). Raise a one-line :class:`TrainingError` naming the first quantity whose relative
     difference exceeds :data:`CHECK_TOLERANCE` (gradients relative to their own largest entry,
-    at least 1e-6 of the largest of all)."""
+    at least 1e-6 of the largest of all). ``support_loss``/``query_loss``: an episode's task
+    losses (ranking; their masks are cast to float64 by the scores they receive)."""
     if loop.name == InnerLoop.name:
         return
     model = copy.deepcopy(loop.model).to(torch.float64)
@@ -332,9 +348,9 @@ def check_fast_path(loop: InnerLoop, batch: TaskBatch, lr: StepSize, steps: int,
         lr = {n: v.detach().to(torch.float64) for n, v in lr.items()}
     with torch.enable_grad():
         fast = _quantities(type(loop)(model, loop.scope, loop.loss), batch, lr, steps,
-                           create_graph, detach)
+                           create_graph, detach, support_loss, query_loss)
         ref = _quantities(InnerLoop(model, loop.scope, loop.loss), batch, lr, steps,
-                          create_graph, detach)
+                          create_graph, detach, support_loss, query_loss)
     scale = max(float(r.abs().max()) for r in ref.values())
     for what, r in ref.items():
         rel = _relative(fast[what], r, CHECK_TOLERANCE * scale if what.startswith(("the meta", "adapted")) else 0.0)

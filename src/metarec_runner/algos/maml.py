@@ -20,8 +20,10 @@ from metarec_runner.tasks.taskset import TaskBatch
 class MAML(SupportSGD):
     """MAML: meta-learn an initialization that adapts to a task in a few SGD steps.
 
-    The meta-loss is the mean over tasks of each task's query loss (MSE, or BCE with
-    ``loss: bce``) after ``inner_steps`` SGD steps on its support set; gradients flow through
+    The meta-loss is the mean over tasks of each task's query loss (MSE, BCE with ``loss: bce``,
+    or a ranking loss: the query's positives against fresh sampled negatives, the inner steps on
+    the support's positives against their own, ``algos.ranking_loss``) after ``inner_steps`` SGD
+    steps on its support set; gradients flow through
     the inner updates (second order) unless ``first_order``. The meta-objective adds
     ``aux_weight`` times the mean auxiliary term (``aux_loss: support``: the base model's
     support loss before adaptation).
@@ -39,7 +41,8 @@ class MAML(SupportSGD):
             overhead; 2 was fastest for 32 tasks with 20-90 support rows (1 = no split).
             Ignored (one group) where the packed first-order step applies (``first_order``,
             one inner step, MLP head: its support pass has no padding).
-        touched_rows, loss, aux_loss, aux_weight, check_fast_path: see :class:`SupportSGD`.
+        touched_rows, loss, aux_loss, aux_weight, check_fast_path, negatives, n_negatives,
+            positive_threshold, seed: see :class:`SupportSGD`.
     """
 
     def __init__(
@@ -57,9 +60,14 @@ class MAML(SupportSGD):
         aux_loss: str = "none",
         aux_weight: float = 0.0,
         check_fast_path: bool = False,
+        negatives: str | None = None,
+        n_negatives: int = 20,
+        positive_threshold: float | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__(model, meta_optimizer, adapt, inner_lr, inner_steps, eval_inner_steps,
-                         touched_rows, loss, aux_loss, aux_weight, check_fast_path)
+                         touched_rows, loss, aux_loss, aux_weight, check_fast_path, negatives,
+                         n_negatives, positive_threshold, seed)
         require_positive("chunks", chunks)
         self.first_order = bool(first_order)
         self.chunks = int(chunks)
@@ -72,17 +80,28 @@ class MAML(SupportSGD):
         """``(mean query loss after adaptation, mean support loss before it)``; differentiable.
 
         Both are means over the ``B`` tasks: per-task losses are summed over the groups of
-        :func:`~metarec_runner.algos.base.split_by_support_size` and divided by ``B``.
+        :func:`~metarec_runner.algos.base.split_by_support_size` and divided by ``B``. With a
+        ranking loss each group draws its own negatives (an :class:`~metarec_runner.algos.
+        ranking_loss.Episode`) after the split.
         """
         query_loss = support_loss = None
         lr = self.step_sizes()
         create_graph = not self.first_order
-        self.verify_inner_loop("meta", batch, lr, self.inner_steps, create_graph, detach=False)
+        if self.ranking is None:
+            self.verify_inner_loop("meta", batch, lr, self.inner_steps, create_graph, detach=False)
         # the packed first-order step pads nothing in its support pass: grouping would only cost
         groups = self.inner_loop.groups_pay_off(lr, self.inner_steps, create_graph)
         for part in split_by_support_size(batch, self.chunks if groups else 1):
-            pred, inner_losses = self.adapt_and_score(part, lr, self.inner_steps, create_graph)
-            q = masked_loss(pred, part.query_y, part.query_mask, self.loss).sum()
+            if self.ranking is None:
+                pred, inner_losses = self.adapt_and_score(part, lr, self.inner_steps, create_graph)
+                q = masked_loss(pred, part.query_y, part.query_mask, self.loss).sum()
+            else:
+                ep = self.ranking.episode(part)
+                self.verify_inner_loop("meta", ep.batch, lr, self.inner_steps, create_graph, False,
+                                       ep.support.loss, ep.query.loss)
+                pred, inner_losses = self.adapt_and_score(ep.batch, lr, self.inner_steps,
+                                                          create_graph, ep.support.loss)
+                q = ep.query.loss(pred).sum()
             s = inner_losses[0].sum()
             query_loss = q if query_loss is None else query_loss + q
             support_loss = s if support_loss is None else support_loss + s

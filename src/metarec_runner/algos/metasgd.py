@@ -85,8 +85,8 @@ class MetaSGD(MAML):
 
     Args:
         model, meta_optimizer, adapt, inner_steps, eval_inner_steps, first_order, chunks,
-        touched_rows, loss, aux_loss, aux_weight, check_fast_path: see
-            :class:`~metarec_runner.algos.maml.MAML`.
+        touched_rows, loss, aux_loss, aux_weight, check_fast_path, negatives, n_negatives,
+        positive_threshold, seed: see :class:`~metarec_runner.algos.maml.MAML`.
         inner_lr: initial value of every inner step size.
         step_size_lr: learning rate of the log-rates' parameter group in the meta-optimizer
             (a relative change of each step size per outer step); None = the meta-optimizer's
@@ -115,10 +115,15 @@ class MetaSGD(MAML):
         aux_weight: float = 0.0,
         step_size_lr: float | None = None,
         check_fast_path: bool = False,
+        negatives: str | None = None,
+        n_negatives: int = 20,
+        positive_threshold: float | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__(model, meta_optimizer, adapt, inner_lr, inner_steps, eval_inner_steps,
                          first_order, chunks, touched_rows, loss, aux_loss, aux_weight,
-                         check_fast_path=check_fast_path)
+                         check_fast_path=check_fast_path, negatives=negatives,
+                         n_negatives=n_negatives, positive_threshold=positive_threshold, seed=seed)
         self.step_sizes = StepSizes(self.adapted_module.named_parameters(), self.inner_lr)
         group: dict = {"params": list(self.step_sizes.parameters())}
         if step_size_lr is not None:

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from metarec_runner.algos.base import AdaptedScorer, MetaAlgorithm
 from metarec_runner.algos.compat import check_compatible, provided
 from metarec_runner.algos.functional import LOSSES, masked_loss
+from metarec_runner.algos.ranking_loss import ranking_objective
 from metarec_runner.errors import ConfigError, require_choice, require_non_negative
 from metarec_runner.tasks.taskset import TaskBatch
 
@@ -48,17 +49,23 @@ class SupportConditioned(MetaAlgorithm):
         model: a model with item embeddings (see ``algos.compat``).
         meta_optimizer: a partial ``torch.optim`` constructor; it gets the model's parameters
             and the algorithm's own (:attr:`net`).
-        loss: ``mse`` (ratings) or ``bce`` (clicks; scores are logits).
+        loss: ``mse`` (ratings), ``bce`` (clicks; scores are logits), or a ranking loss (``bpr``,
+            ``softmax``, ``bce`` with ``negatives``): the query's positives against sampled
+            negatives scored with the same context; the residuals are then ``positive -
+            sigmoid(model(x))`` (positive: rated ``>= positive_threshold``).
         support_weight: weight of the base model's own loss on the support rows (``model(x)``,
             no context) added to the meta-objective, so the base model learns from every
-            meta-train rating as the global model does (0 = query loss only).
+            meta-train rating as the global model does (0 = query loss only); with a ranking
+            loss, the support's positives against their own negatives.
+        negatives, n_negatives, positive_threshold, seed: see :class:`MetaAlgorithm`.
     """
 
     #: capabilities it needs of the model (``algos.compat``)
     requires: ClassVar[frozenset[str]] = frozenset({"item_embedding"})
 
     def __init__(self, model: nn.Module, meta_optimizer: Callable[..., torch.optim.Optimizer],
-                 loss: str = "mse", support_weight: float = 1.0) -> None:
+                 loss: str = "mse", support_weight: float = 1.0, negatives: str | None = None,
+                 n_negatives: int = 20, positive_threshold: float | None = None, seed: int = 0) -> None:
         # MetaAlgorithm.__init__ is not called: its optimizer would miss the algorithm's parameters
         require_choice("loss", loss, LOSSES)
         require_non_negative("support_weight", support_weight)
@@ -67,6 +74,9 @@ class SupportConditioned(MetaAlgorithm):
         self.scope = "all"
         self.touched_rows = False
         self.loss = loss
+        self.ranking = ranking_objective(loss, negatives, n_negatives, positive_threshold, seed)
+        if self.ranking is not None:  # ranking scores, not ratings: RMSE/MAE are not reported
+            self.predicts_ratings = False
         check_compatible(self, model)
         #: whether the model reads the support sequence itself and this algorithm uses that
         self.sequence = "sequence" in (self.uses & provided(model))
@@ -94,14 +104,20 @@ class SupportConditioned(MetaAlgorithm):
 
     # -- shared pieces ---------------------------------------------------------------------
     def residuals(self, batch: TaskBatch, support_scores: Tensor | None = None) -> Tensor:
-        """``[B, S]`` support residuals ``y - model(x)`` (0 on padding)."""
+        """``[B, S]`` support residuals ``y - model(x)`` (0 on padding; ranking: ``positive -
+        sigmoid(model(x))``)."""
         base = self.model(batch.support_x) if support_scores is None else support_scores
-        if self.loss == "bce":
+        y = batch.support_y
+        if self.ranking is not None:
+            y = self.ranking.positives(y, batch.support_mask).to(base.dtype)
+        if self.loss == "bce" or self.ranking is not None:
             base = torch.sigmoid(base)
-        return (batch.support_y - base) * batch.support_mask.to(base.dtype)
+        return (y - base) * batch.support_mask.to(base.dtype)
 
     # -- the MetaAlgorithm interface ---------------------------------------------------------
     def meta_step(self, batch: TaskBatch) -> dict[str, float]:
+        if self.ranking is not None:
+            return self._ranking_step(batch)
         base = self.model(batch.support_x) if self.support_weight > 0 else None  # [B, S]
         pred = self.score(self.context(batch, base), batch.query_x)
         loss = masked_loss(pred, batch.query_y, batch.query_mask, self.loss).mean()
@@ -109,6 +125,18 @@ class SupportConditioned(MetaAlgorithm):
         if base is not None:
             support = masked_loss(base, batch.support_y, batch.support_mask, self.loss).mean()
             objective = loss + self.support_weight * support
+        self._outer_update(objective)
+        return {"loss": loss.item()}
+
+    def _ranking_step(self, batch: TaskBatch) -> dict[str, float]:
+        """:meth:`meta_step` with a ranking loss: the context reads the real support rows; the
+        query's positives and its negatives are scored with it in one call."""
+        ep = self.ranking.episode(batch)
+        n = batch.support_x.shape[1]
+        base = self.model(ep.batch.support_x) if self.support_weight > 0 else None  # [B, S + N]
+        pred = self.score(self.context(batch, None if base is None else base[:, :n]), ep.batch.query_x)
+        loss = ep.query.loss(pred).mean()
+        objective = loss if base is None else loss + self.support_weight * ep.support.loss(base).mean()
         self._outer_update(objective)
         return {"loss": loss.item()}
 
@@ -123,13 +151,11 @@ class SupportConditioned(MetaAlgorithm):
         return self.score(params, x)
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "net": self.net.state_dict(),
-                "optimizer": self.optimizer.state_dict()}
+        return {**super().state_dict(), "net": self.net.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        super().load_state_dict(state)
         self.net.load_state_dict(state["net"])
-        self.optimizer.load_state_dict(state["optimizer"])
 
 
 class _Bilinear(nn.Module):

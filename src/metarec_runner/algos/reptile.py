@@ -69,7 +69,9 @@ class Reptile(SupportSGD):
 
     Args:
         model, adapt, inner_lr, inner_steps, eval_inner_steps, touched_rows, loss, aux_loss,
-        aux_weight, check_fast_path: as :class:`~metarec_runner.algos.maml.MAML` (no
+        aux_weight, check_fast_path, negatives, n_negatives, positive_threshold, seed: as
+            :class:`~metarec_runner.algos.maml.MAML` (a ranking loss: the inner steps on the
+            support's positives against sampled negatives, the query loss against fresh ones; no
             ``first_order``: Reptile is first order by construction; no ``chunks``).
         meta_optimizer: partial ``torch.optim`` constructor for the adapted parameters; it
             receives ``theta - mean phi`` as their gradient (SGD with ``lr = eps_0`` is the
@@ -106,9 +108,14 @@ class Reptile(SupportSGD):
         anneal_epochs: int | None = None,
         anneal_steps: int | None = None,
         check_fast_path: bool = False,
+        negatives: str | None = None,
+        n_negatives: int = 20,
+        positive_threshold: float | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__(model, meta_optimizer, adapt, inner_lr, inner_steps, eval_inner_steps,
-                         touched_rows, loss, aux_loss, aux_weight, check_fast_path=check_fast_path)
+                         touched_rows, loss, aux_loss, aux_weight, check_fast_path, negatives,
+                         n_negatives, positive_threshold, seed)
         require_choice("anneal", anneal, ANNEALS)
         if anneal_steps is not None:
             require_positive("anneal_steps", anneal_steps)
@@ -205,15 +212,19 @@ class Reptile(SupportSGD):
             ``{"loss": mean query loss at phi, "inner_loss": mean support loss before the
             first inner step}`` (and ``aux_loss`` when used).
         """
+        episode = None if self.ranking is None else self.ranking.episode(batch)
+        rows = batch if episode is None else episode.batch  # with the negatives appended
+        ranked = {} if episode is None else {"loss": episode.support.loss}  # the support task loss
         with torch.enable_grad():
             fast, inner_losses = self.adapt_fast(
-                batch, self.step_sizes(), self.inner_steps, create_graph=False, detach=True
+                rows, self.step_sizes(), self.inner_steps, create_graph=False, detach=True, **ranked
             )
         fast = fast.detach()
         self.model.zero_grad(set_to_none=True)
         # query loss at the adapted weights; its gradient reaches only the non-adapted params
-        pred = self.predict(fast, batch.query_x)
-        loss = masked_loss(pred, batch.query_y, batch.query_mask, self.loss).mean()
+        pred = self.predict(fast, rows.query_x)
+        loss = (masked_loss(pred, batch.query_y, batch.query_mask, self.loss) if episode is None
+                else episode.query.loss(pred)).mean()
         objective = loss
         stats = {"loss": loss.item(), "inner_loss": inner_losses[0].mean().item()}
         if self.uses_aux:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from metarec_runner.config.schema import MOVIELENS, SCHEMA
+from metarec_runner.config.schema import MOVIELENS, RANKING_LOSSES, SCHEMA
 from metarec_runner.config.spec import _ABSENT, show
 from metarec_runner.errors import ConfigError
 from metarec_runner.evaluate.metric_specs import METRIC_SPECS, metric_columns, monitor_mode
@@ -169,6 +169,42 @@ def rule_sampled_negatives(get, typed) -> None:
                           "got 0; set evaluator.n_negatives to an integer >= 1 like 100")
 
 
+_MULTI_USER_TASKS = (".ItemColdStart", ".UserGroups", ".Domains")  # splitters whose tasks mix users
+
+
+def rule_ranking_loss(get, typed) -> None:
+    """``algo.loss=mse`` takes no ``algo.negatives``; a ranking loss (``bpr``, ``softmax``, ``bce``
+    with negatives) needs a model that reads ``item_id`` and tasks of one user each."""
+    loss, negatives = get("algo.loss"), get("algo.negatives")
+    if not _has(loss):
+        return
+    if loss == "mse" and negatives not in (None, _ABSENT):
+        key = blame(typed, "algo.negatives", "algo.loss")
+        raise ConfigError(key, f"algo.loss=mse regresses ratings and takes no sampled negatives, got "
+                          f"algo.negatives={negatives}; set algo.negatives=null or use algo.loss=bpr, "
+                          "softmax or bce")
+    ranked = loss in RANKING_LOSSES and (loss != "bce" or negatives not in (None, _ABSENT))
+    if not ranked or negatives is _ABSENT:  # an algo without negatives (set_ranker) ranks by itself
+        return
+    lists = {k: get(k) for k in ("model.fields", "model.item_fields") if get(k) is not _ABSENT}
+    if lists and all(isinstance(v, list) and "item_id" not in v for v in lists.values()):
+        key = blame(typed, *lists, "algo.loss")
+        raise ConfigError(key, f"algo.loss={loss} ranks sampled negatives against the user's items, "
+                          f"which needs a model that reads item ids; {key}={show(get(key))} has no "
+                          "item_id; add item_id to it (or set it to null), or use algo.loss=mse")
+    monitor = get("trainer.monitor")
+    if monitor in ("val/rmse", "val/mae"):
+        key = blame(typed, "trainer.monitor", "algo.loss")
+        raise ConfigError(key, f"algo.loss={loss} trains ranking scores, not ratings, so "
+                          f"trainer.monitor={monitor} is not computed; monitor a ranking metric, e.g. "
+                          "trainer.monitor=val/ndcg_at_10")
+    target = get("splitter._target_")
+    if isinstance(target, str) and target.endswith(_MULTI_USER_TASKS):
+        raise ConfigError("algo.loss", f"algo.loss={loss} draws negatives per user, but {target} "
+                          "tasks hold rows of several users; use a user splitter (user_cold_start, "
+                          "temporal, implicit, four_states) or algo.loss=mse")
+
+
 _TRIVIAL_AT_K = ("recall", "precision", "hit")
 
 
@@ -238,6 +274,7 @@ RULES: tuple[Rule, ...] = (
     rule_quantile_cuts,
     rule_anneal_horizon,
     rule_sampled_negatives,
+    rule_ranking_loss,
     rule_query_only_cutoffs,
     rule_toy_interactions,
     rule_movielens_release,

@@ -11,7 +11,9 @@ TIE_BREAKS = ("position", "random", "topk")  # evaluate.metrics.TIE_BREAKS
 GAINS = ("exp", "linear")  # evaluate.metrics.GAINS
 CI_METHODS = ("normal", "bootstrap")  # evaluate.stats.CI_METHODS
 SCOPES = ("head", "all")  # algos.base.SCOPES
-LOSSES = ("mse", "bce")  # algos.functional.LOSSES
+LOSSES = ("mse", "bce", "bpr", "softmax")  # algos.functional.LOSSES
+RANKING_LOSSES = ("bce", "bpr", "softmax")  # algos.ranking_loss.RANKING_LOSSES
+NEGATIVES = ("uniform", "popularity")  # tasks.negatives.NEGATIVES
 AUX_LOSSES = ("none", "support")  # algos.base.AUX_LOSSES
 ANNEALS = ("linear", "none")  # algos.reptile.ANNEALS
 STATES = ("warm", "user_cold", "item_cold", "user_item_cold")  # tasks.four_states.STATES
@@ -98,6 +100,9 @@ SCHEMA: dict[str, Spec] = {
     "algo.touched_rows": Bool(),
     "algo.check_fast_path": Bool(),
     "algo.loss": Choice(*LOSSES),
+    "algo.negatives": Choice(*NEGATIVES, nullable=True),
+    "algo.n_negatives": Int(1, nullable=True, example=20),
+    "algo.positive_threshold": Number(nullable=True, example=4.0),
     "algo.aux_loss": Choice(*AUX_LOSSES),
     "algo.aux_weight": Number(ge=0, example=0.1),
     "algo.finetune_lr": Number(gt=0, example=0.05, why="a zero step size adapts nothing"),

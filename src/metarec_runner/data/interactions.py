@@ -29,17 +29,23 @@ class FeatureSchema:
     Rows are built as ``[user fields..., item fields..., user_id, item_id]``. A field occupies
     ``widths[j]`` consecutive columns: 1 for a single token, more for a *bag* of tokens (genres,
     title words) padded with ``-1``. ``cardinalities[j]`` is the number of distinct tokens.
+    ``user_fields`` names the fields that describe the user (side features, not ``user_id``);
+    empty when the schema was built without that knowledge.
     """
 
     names: tuple[str, ...]
     cardinalities: tuple[int, ...]
     widths: tuple[int, ...] = ()
+    user_fields: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.widths:
             object.__setattr__(self, "widths", (1,) * len(self.names))
         if not len(self.names) == len(self.cardinalities) == len(self.widths):
             raise DataError("feature schema: names, cardinalities and widths differ in length")
+        unknown = [f for f in self.user_fields if f not in self.names]
+        if unknown:
+            raise DataError(f"feature schema: user fields {unknown} are not fields of the schema")
 
     @property
     def n_fields(self) -> int:
@@ -134,7 +140,8 @@ class Interactions:
         """Fields of a row built by :meth:`feature_rows`."""
         fields = [*self._fields(), ("user_id", self.n_users, 1), ("item_id", self.n_items, 1)]
         names, cards, widths = zip(*fields, strict=True)
-        return FeatureSchema(tuple(names), tuple(cards), tuple(widths))
+        users = (*map(str, self.user_features.columns), *self.user_bags)
+        return FeatureSchema(tuple(names), tuple(cards), tuple(widths), users)
 
     def feature_rows(self, users: np.ndarray, items: np.ndarray) -> torch.Tensor:
         """Categorical feature rows for (user, item) pairs.
@@ -188,7 +195,7 @@ class Interactions:
             "features": {k: [str(t) for t in v] for k, v in (meta.get("vocab") or {}).items()},
             "unknown_token": meta.get("unknown_token"),
             "schema": {"names": list(schema.names), "cardinalities": list(schema.cardinalities),
-                       "widths": list(schema.widths)},
+                       "widths": list(schema.widths), "user_fields": list(schema.user_fields)},
             "user_feature_columns": [str(c) for c in self.user_features.columns],
             "user_bags": list(self.user_bags),
             "item_feature_columns": [str(c) for c in self.item_features.columns],

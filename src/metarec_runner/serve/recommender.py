@@ -35,7 +35,13 @@ from omegaconf import OmegaConf
 
 from metarec_runner.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from metarec_runner.serve.locate import resolve_checkpoint
-from metarec_runner.serve.support import Support, parse_support, support_batch, user_rows
+from metarec_runner.serve.support import (
+    Support,
+    parse_support,
+    serving_catalog,
+    support_batch,
+    user_rows,
+)
 from metarec_runner.serve.vocab import ServeError, Vocabulary, raw_key
 from metarec_runner.tasks.taskset import TaskBatch
 
@@ -110,8 +116,8 @@ class Recommender:
         """A recommender of a loaded checkpoint (see :func:`build_algo`)."""
         algo = build_algo(ckpt, device)
         if reads_user_id(algo.model):
-            warnings.warn("this model embeds user_id: every new user reads user 0's id row (a new user "
-                          "has none); train with the default model fields for serving", stacklevel=3)
+            warnings.warn("this model embeds user_id: a new user reads a training user's id row (a new user has "
+                          "none of its own); train with the default model fields for serving", stacklevel=3)
         return cls(algo, Vocabulary(ckpt.meta["vocabulary"]), ckpt.item_rows.long().cpu(), ckpt.meta, path,
                    samples)
 
@@ -163,6 +169,9 @@ class Recommender:
             examples = ", ".join(repr(u) for u in support.unknown[:5])
             warnings.warn(f"{source}: {len(support.unknown)} unknown item(s) skipped (e.g. {examples})", stacklevel=2)
         columns, batch = self._tasks(support, user_features)
+        if getattr(self.algo, "ranking", None) is not None:  # a ranking loss adapts against sampled negatives
+            self.algo.bind_catalog(serving_catalog(self.item_rows, columns, self.vocab.user_id_column),
+                                   None, self.vocab.schema)
         scorer = self.algo.adapt(batch.to(self.device, self.dtype))
         return AdaptedUser(self, scorer, columns, support)
 

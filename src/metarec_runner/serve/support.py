@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from metarec_runner.evaluate.candidates import Catalog
 from metarec_runner.serve.vocab import ServeError, Vocabulary, raw_key
 from metarec_runner.tasks.taskset import TaskBatch
 
@@ -133,12 +134,30 @@ def support_batch(item_rows: torch.Tensor, support: Support, user_columns: torch
 
 def user_rows(rows: torch.Tensor, user_columns: torch.Tensor, user_id_column: int) -> torch.Tensor:
     """Item rows ``[L, C]`` for each pseudo-user: ``[K, L, C]`` with the user columns
-    ``0..Cu-1`` replaced by ``user_columns [K, Cu]`` and ``user_id`` set to 0."""
+    ``0..Cu-1`` replaced by ``user_columns [K, Cu]`` and ``user_id`` set to the pseudo-user's
+    index ``0..K-1`` (no shipped model reads ``user_id``; a ranking loss's negatives are drawn
+    per user code, see :func:`serving_catalog`)."""
     k, cu = user_columns.shape
     out = rows.unsqueeze(0).repeat(k, 1, 1)
     out[..., :cu] = user_columns.unsqueeze(1)
-    out[..., user_id_column] = 0
+    out[..., user_id_column] = torch.arange(k).unsqueeze(1)
     return out
+
+
+def serving_catalog(item_rows: torch.Tensor, user_columns: torch.Tensor, user_id_column: int) -> Catalog:
+    """The catalog a ranking-trained algorithm draws its adaptation negatives from when serving:
+    every item, no known ratings (only the new user's own support items are excluded), and rows
+    for pseudo-user ``k`` built from ``user_columns[k]`` (``[K, Cu]``)."""
+    def feature_rows(users: np.ndarray, items: np.ndarray) -> torch.Tensor:
+        rows = item_rows[torch.as_tensor(items, dtype=torch.long)].clone()
+        k = torch.as_tensor(users, dtype=torch.long)
+        rows[:, : user_columns.shape[1]] = user_columns[k]
+        rows[:, user_id_column] = k
+        return rows
+
+    empty = torch.zeros(0, dtype=torch.long)
+    no_ratings = torch.zeros(user_columns.shape[0] + 1, dtype=torch.long)  # K pseudo-users, none rated
+    return Catalog(int(item_rows.shape[0]), no_ratings, empty, feature_rows)
 
 
 def read_ratings_csv(path: str | Path) -> pd.DataFrame:

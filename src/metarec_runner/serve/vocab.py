@@ -15,11 +15,13 @@ A new user's row (``[user fields..., item fields..., user_id, item_id]``) is fil
   field's tokens (seeded: the same answer every call), i.e. the model's expectation over the
   unknown features. A bag field (e.g. genres of a user) is given as ``"a|b|c"``; not given, it is
   empty (all ``-1``), which is how a bag says "none".
-* **user_id** is code 0 for every new user. No model reads ``user_id`` in the shipped configs
-  (``models.fields.resolve_fields`` leaves it out of every default field list: a cold-start
-  user's id row is never trained), so the value has no effect; a model configured to embed
-  ``user_id`` would read user 0's row, which :func:`~metarec_runner.serve.recommender.load`
-  warns about.
+* **user_id** is the pseudo-user's index ``0..K-1`` (0 for a user with every feature given).
+  No model reads ``user_id`` in the shipped configs (``models.fields.resolve_fields`` leaves it
+  out of every default field list: a cold-start user's id row is never trained), so the value
+  has no effect on scores; it tells a ranking loss's negative sampler the pseudo-users apart
+  (:func:`~metarec_runner.serve.support.serving_catalog`). A model configured to embed
+  ``user_id`` would read those training users' rows, which
+  :func:`~metarec_runner.serve.recommender.load` warns about.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ class Vocabulary:
         """The feature-row layout the model was built for."""
         s = self.raw["schema"]
         return FeatureSchema(tuple(s["names"]), tuple(int(c) for c in s["cardinalities"]),
-                             tuple(int(w) for w in s["widths"]))
+                             tuple(int(w) for w in s["widths"]), tuple(s.get("user_fields", ())))
 
     @property
     def user_fields(self) -> tuple[str, ...]:
