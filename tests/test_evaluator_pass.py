@@ -36,3 +36,15 @@ def test_candidates_are_built_once_per_task_set_and_reused_identically(monkeypat
             p.add_(0.05)
     moved = ev.evaluate(prep.algo, val, "val", dev)
     assert moved.summary["val/rmse"] != first.summary["val/rmse"]  # the scores are fresh every call
+
+
+def test_every_test_report_carries_popularity_equal_to_the_popularity_algo():
+    """``test/ref/popularity/*`` scores the same candidates by meta-train counts: the numbers of
+    ``algo=popularity`` itself, beside every model."""
+    tiny = ("logger=none", "dataset.n_users=120", "dataset.n_items=80", "trainer.max_epochs=1",
+            "trainer.progress=false")
+    _, _, model = fit_test(compose("+algo=global", *tiny))
+    _, _, popularity = fit_test(compose("+algo=popularity", *tiny))
+    for metric in ("ndcg_at_10", "recall_at_10", "mrr_at_10"):
+        assert model.summary[f"test/ref/popularity/{metric}"] == popularity.summary[f"test/{metric}"]
+    assert model.summary["test/ref/popularity/ndcg_at_10"] != model.summary["test/ref/random/ndcg_at_10"]

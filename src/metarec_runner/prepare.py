@@ -87,7 +87,7 @@ class Prepared:
         train_mean = float((train.support_y.sum() + train.query_y.sum())
                            / max(train.support_y.numel() + train.query_y.numel(), 1))
         catalog = Catalog.from_interactions(self.data)
-        self.evaluator.bind(catalog, rating_mean=train_mean)
+        self.evaluator.bind(catalog, rating_mean=train_mean, item_counts=train.item_counts(self.data.n_items))
         self.evaluator.check_tasks(self.val_tasks, "val")
         self.evaluator.check_tasks(self.splits.test, "test")
         mean = float(self.splits.train.support_y.mean())

@@ -147,6 +147,7 @@ class Evaluator:
         self.adaptation_steps = tuple(int(k) for k in adaptation_steps)
         self.catalog: Catalog | None = None
         self.rating_mean = 0.0
+        self.item_counts: torch.Tensor | None = None  # [V] meta-train interactions per item
         self._prepared: OrderedDict[tuple, tuple[weakref.ref, list[_Part]]] = OrderedDict()
 
     @property
@@ -164,13 +165,17 @@ class Evaluator:
         """The per-task metric columns, in order (``rmse``, ``ndcg_at_5``, ...)."""
         return self.scoring.columns
 
-    def bind(self, catalog: Catalog, rating_mean: float | None = None) -> Evaluator:
-        """Give the evaluator the catalog that full-ranking protocols draw candidates from, and
-        the meta-train mean rating (the constant reference's prediction)."""
+    def bind(self, catalog: Catalog, rating_mean: float | None = None,
+             item_counts: torch.Tensor | None = None) -> Evaluator:
+        """Give the evaluator the catalog that full-ranking protocols draw candidates from, the
+        meta-train mean rating (the constant reference's prediction) and the meta-train item
+        counts ``[V]`` (the popularity reference's scores)."""
         self.catalog = catalog
         self._prepared.clear()
         if rating_mean is not None:
             self.rating_mean = float(rating_mean)
+        if item_counts is not None:
+            self.item_counts = item_counts.to(torch.float64)
         return self
 
     def check_tasks(self, tasks: TaskSet, split: str) -> None:
@@ -260,9 +265,13 @@ class Evaluator:
         found = self.scoring.per_task(ranked.pred, ranked.target, ranked.mask, ranked.relevant,
                                       rating=False)
         if reference is not None:
+            popularity = None
+            if self.item_counts is not None:
+                counts = self.item_counts.to(ranked.target.device)
+                popularity = counts[ranked.items.clamp(0, len(counts) - 1)]
             found.update(R.reference_metrics(self.scoring, ranked.target, ranked.mask,
                                              ranked.relevant, ranked.is_query, reference,
-                                             self.rating_mean))
+                                             self.rating_mean, popularity))
         return {name: v.masked_fill(trivial, float("nan")) for name, v in found.items()}
 
     def _prepare(self, tasks: TaskSet, split: str, device: torch.device, dtype: torch.dtype) -> list[_Part]:
@@ -303,13 +312,14 @@ class Evaluator:
         ``pred_q``); else they come from the catalog and are scored here."""
         batch = part.batch
         if part.candidates is None:
-            ranked = _Ranked(pred_q, batch.query_y, batch.query_mask, part.relevant, batch.query_mask)
+            ranked = _Ranked(pred_q, batch.query_y, batch.query_mask, part.relevant, batch.query_mask,
+                             batch.query_x[..., -1])
         else:
             cands = part.candidates
             device, dtype = batch.query_y.device, batch.query_y.dtype
             ranked = _Ranked(self._score_candidates(scorer, cands, device, dtype),
                              cands.target.to(device, dtype), cands.mask.to(device),
-                             cands.relevant.to(device), cands.is_query.to(device))
+                             cands.relevant.to(device), cands.is_query.to(device), cands.items.to(device))
         check_finite(ranked.pred, ranked.mask)
         return ranked.shuffled(streams.order)
 
@@ -360,13 +370,15 @@ _KEEP_PREPARED = 2
 
 @dataclass(frozen=True)
 class _Ranked:
-    """One batch's scored candidates ``[B, C]`` each (on the model's device)."""
+    """One batch's scored candidates ``[B, C]`` each (on the model's device); ``items`` are
+    their item codes."""
 
     pred: torch.Tensor
     target: torch.Tensor
     mask: torch.Tensor
     relevant: torch.Tensor
     is_query: torch.Tensor
+    items: torch.Tensor
 
     def shuffled(self, generator: torch.Generator) -> _Ranked:
         """The same seeded random permutation of every task's candidates applied to each column.
@@ -379,7 +391,7 @@ class _Ranked:
         keys = torch.rand(self.pred.shape, generator=generator, dtype=torch.float64)
         order = keys.argsort(dim=-1).to(self.pred.device)
         return _Ranked(*(c.gather(-1, order) for c in (self.pred, self.target, self.mask,
-                                                        self.relevant, self.is_query)))
+                                                        self.relevant, self.is_query, self.items)))
 
 
 QueryEvaluator = Evaluator

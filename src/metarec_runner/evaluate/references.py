@@ -1,5 +1,5 @@
-"""The reference scorers every test report carries: random, constant and oracle scores of the
-very candidates the model ranked (``test/ref/<scorer>/<metric>``).
+"""The reference scorers every test report carries: random, constant, popularity and oracle
+scores of the very candidates the model ranked (``test/ref/<scorer>/<metric>``).
 
 Under query-only candidates these are the numbers a model must be read against: with few,
 tied ratings a constant score can sit well above random. The scores are pure functions of the
@@ -9,6 +9,8 @@ candidates ``[B, C]``:
 - :func:`constant_scores`: one value everywhere (the meta-train mean rating, so its RMSE/MAE
   are the "global mean" baseline). Its ties are broken by the evaluator's seeded random order
   of the candidates, so it scores the expectation of a random ranking, not the id order;
+- popularity: each candidate's meta-train interaction count (the evaluator's ``item_counts``;
+  left out when it has none): the bar every recommender must clear;
 - :func:`oracle_scores`: the relevant items first (ties among true ratings exactly as the
   relevance rule broke them), then the other query items by true rating, then every other
   candidate: the ceiling. It knows the *relevance* the evaluator decided, which a scorer
@@ -25,7 +27,7 @@ from torch import Tensor
 
 from metarec_runner.evaluate.metrics import MetricSet
 
-REFERENCES = ("random", "constant", "oracle")
+REFERENCES = ("random", "constant", "popularity", "oracle")
 """The reference scorers, in the order their columns are reported."""
 
 
@@ -70,23 +72,27 @@ def oracle_scores(target: Tensor, relevant: Tensor, is_query: Tensor) -> Tensor:
 
 def reference_metrics(metrics: MetricSet, target: Tensor, mask: Tensor, relevant: Tensor,
                       is_query: Tensor, generator: torch.Generator,
-                      constant: float = 0.0) -> dict[str, Tensor]:
-    """Ranking metrics ``[B]`` of the random, constant and oracle scores of the candidates, as
-    ``ref/<scorer>/<metric>`` (the caller has already put the candidates in a random order).
+                      constant: float = 0.0, popularity: Tensor | None = None) -> dict[str, Tensor]:
+    """Ranking metrics ``[B]`` of the random, constant, popularity and oracle scores of the
+    candidates, as ``ref/<scorer>/<metric>`` (the caller has already put the candidates in a
+    random order, which breaks every scorer's ties).
 
     Args:
         metrics: what to compute (rating metrics are left out: see :func:`rating_metrics`).
         target, mask, relevant, is_query: the candidates ``[B, C]``.
         generator: the random scorer's draws.
         constant: the constant scorer's value.
+        popularity: ``[B, C]`` the candidates' meta-train counts (``None``: no popularity scorer).
     """
     scores = {
         "random": random_scores(target.shape, generator).to(target),
         "constant": constant_scores(target.shape, constant, target.dtype, target.device),
         "oracle": oracle_scores(target, relevant, is_query),
     }
+    if popularity is not None:
+        scores["popularity"] = popularity.to(target.dtype)
     out: dict[str, Tensor] = {}
-    for name in REFERENCES:
+    for name in (r for r in REFERENCES if r in scores):
         for metric, v in metrics.per_task(scores[name], target, mask, relevant, rating=False).items():
             out[f"ref/{name}/{metric}"] = v
     return out

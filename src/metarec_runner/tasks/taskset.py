@@ -141,6 +141,12 @@ class TaskSet:
             return None
         return _pad_gather(self.query_expected, self.query_offsets, idx)[0]
 
+    def item_counts(self, n_items: int) -> Tensor:
+        """``[n_items]`` int64: how often each item appears in the tasks' support and query rows
+        (the item id is a row's last column), e.g. the meta-train popularity."""
+        items = torch.cat([self.support_x[:, -1], self.query_x[:, -1]])
+        return torch.bincount(items.clamp_min(0), minlength=n_items)[:n_items]
+
     def subset(self, keep: Tensor) -> TaskSet:
         """The tasks where ``keep`` (``Bool[T]``) is True, in their order (CSR re-packed)."""
         def rows(offsets: Tensor) -> tuple[Tensor, Tensor]:
