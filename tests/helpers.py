@@ -85,3 +85,67 @@ def metarec_env(out: Path, **extra: str) -> dict[str, str]:
     env["METAREC_OUTPUT_DIR"] = str(out)
     env.update(extra)
     return env
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_answers(proc, url: str, timeout_s: float, log: Path, what: str) -> None:
+    """Poll ``url`` until it answers HTTP 200; skip the test (with the tail of ``log``) when the
+    server process ``proc`` exits first or ``timeout_s`` passes: a server that cannot start in
+    this environment is not the behaviour under test."""
+    import time
+
+    import pytest
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            pytest.skip(f"{what} exited with {proc.returncode}: {log.read_text()[-300:]}")
+        try:
+            if requests.get(url, timeout=2).ok:
+                return
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            pytest.skip(f"{what} did not answer on {url} within {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
+def tracked_run(out: Path, *overrides: str) -> dict:
+    """Train ``overrides`` in-process into the MLflow store under ``out`` (nothing inherited from
+    the environment): ``{"run_id", "best", "folder", "uri", "out"}``."""
+    import pytest
+
+    import metarec_runner
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("METAREC_OUTPUT_DIR", str(out))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        result = metarec_runner.train(metarec_runner.compose(*overrides))
+    assert result.checkpoint is not None and result.run_id
+    return {"run_id": result.run_id, "best": result.checkpoint, "folder": result.output_dir,
+            "uri": f"sqlite:///{out}/mlflow.db", "out": out}
+
+
+def stop_group(proc) -> None:
+    """End a server started with ``start_new_session=True`` and everything it spawned (uvicorn
+    workers): SIGTERM to its process group, SIGKILL if it has not exited 20 s later."""
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)

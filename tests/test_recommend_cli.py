@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 import metarec_runner
 from metarec_runner.checkpoint import FORMAT
 from metarec_runner.cli.app import app
-from tests.helpers import METAREC, metarec_env
+from tests.helpers import METAREC, metarec_env, tracked_run
 
 TINY = ["dataset.n_users=120", "dataset.n_items=80", "trainer.max_epochs=1", "trainer.progress=false"]
 FEATURES = "age_group=1,region=2,price_sensitivity=0"
@@ -30,15 +30,7 @@ FEATURE_DICT = {"age_group": "1", "region": "2", "price_sensitivity": "0"}
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict:
     """A small tracked MAML run: ``{"run_id", "best", "folder", "uri", "out"}``."""
-    out = tmp_path_factory.mktemp("recommend") / "outputs"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("METAREC_OUTPUT_DIR", str(out))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
-        result = metarec_runner.train(metarec_runner.compose("+algo=maml", *TINY))
-    assert result.checkpoint is not None
-    return {"run_id": result.run_id, "best": result.checkpoint, "folder": result.output_dir,
-            "uri": f"sqlite:///{out}/mlflow.db", "out": out}
+    return tracked_run(tmp_path_factory.mktemp("recommend") / "outputs", "+algo=maml", *TINY)
 
 
 def _invoke(*args: str):

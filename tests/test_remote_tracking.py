@@ -7,35 +7,25 @@ would; it is killed in teardown. Skipped with the reason when it cannot start wi
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import METAREC, metarec_env
+from tests.helpers import METAREC, free_port, metarec_env, stop_group, wait_until_answers
 
 TINY = ["dataset.n_users=120", "dataset.n_items=80", "trainer.max_epochs=1", "trainer.progress=false"]
 START_TIMEOUT_S = 60
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[dict[str, object]]:
     """``{"uri": http://127.0.0.1:PORT, "artifacts": <server-side artifact folder>}``."""
-    import requests
 
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     log = (root / "server.log").open("w")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -46,28 +36,10 @@ def server(tmp_path_factory) -> Iterator[dict[str, object]]:
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.skip(f"mlflow server exited with {proc.returncode} on start: "
-                            f"{(root / 'server.log').read_text()[-300:]}")
-            try:
-                if requests.get(f"{uri}/health", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.skip(f"mlflow server did not answer on {uri} within {START_TIMEOUT_S} s")
-            time.sleep(0.5)
+        wait_until_answers(proc, f"{uri}/health", START_TIMEOUT_S, root / "server.log", "mlflow server")
         yield {"uri": uri, "artifacts": root / "artifacts"}
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        stop_group(proc)  # the server and its uvicorn worker
         log.close()
 
 
@@ -144,7 +116,7 @@ def test_default_config_stores_artifacts_on_the_server(server, tmp_path: Path) -
 
 @pytest.mark.slow
 def test_unreachable_server_is_one_line(tmp_path: Path) -> None:
-    res = _train(tmp_path, f"http://127.0.0.1:{_free_port()}", MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+    res = _train(tmp_path, f"http://127.0.0.1:{free_port()}", MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
                  MLFLOW_HTTP_REQUEST_TIMEOUT="5")
     assert res.returncode != 0
     lines = [line for line in res.stderr.strip().splitlines() if line.startswith("metarec: error")]

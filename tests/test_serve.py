@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +22,7 @@ from metarec_runner.checkpoint import FORMAT, CheckpointError, load_checkpoint
 from metarec_runner.serve.recommender import Recommender
 from metarec_runner.serve.vocab import ServeError
 from metarec_runner.tasks.taskset import TaskBatch
+from tests.helpers import free_port, stop_group, tracked_run, wait_until_answers
 
 FEATURES = {"age_group": "2", "region": "1", "price_sensitivity": "0"}  # every toy user field: one pseudo-user
 CATEGORY = 3  # the toy row's column of the item's category
@@ -33,16 +31,8 @@ CATEGORY = 3  # the toy row's column of the item's category
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict:
     """A 2-epoch MAML run on the toy catalog: ``{"run_id", "best", "folder", "uri"}``."""
-    out = tmp_path_factory.mktemp("serve") / "outputs"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("METAREC_OUTPUT_DIR", str(out))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
-        result = metarec_runner.train(metarec_runner.compose("+algo=maml", "trainer.max_epochs=2",
-                                                             "trainer.progress=false"))
-    assert result.checkpoint is not None and result.run_id
-    return {"run_id": result.run_id, "best": result.checkpoint, "folder": result.output_dir,
-            "uri": f"sqlite:///{out}/mlflow.db"}
+    return tracked_run(tmp_path_factory.mktemp("serve") / "outputs", "+algo=maml", "trainer.max_epochs=2",
+                       "trainer.progress=false")
 
 
 @pytest.fixture(scope="module")
@@ -305,12 +295,6 @@ def test_log_pyfunc_model_through_the_runs_tracker(trained, tmp_path, monkeypatc
         log_pyfunc_model(tracker, run_id, tmp_path / "best.pt")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_rest_server_answers_invocations(trained, rec, pyfunc_uri, tmp_path):
     """``mlflow models serve --env-manager local`` on a loopback port: a few POST /invocations."""
@@ -318,7 +302,7 @@ def test_rest_server_answers_invocations(trained, rec, pyfunc_uri, tmp_path):
 
     if shutil.which("uvicorn", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("mlflow models serve needs uvicorn in this environment")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": trained["uri"]}
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", pyfunc_uri, "--env-manager",
@@ -326,19 +310,7 @@ def test_rest_server_answers_invocations(trained, rec, pyfunc_uri, tmp_path):
                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.skip(f"mlflow models serve exited with {proc.returncode}: "
-                            f"{(tmp_path / 'serve.log').read_text()[-300:]}")
-            try:
-                if requests.get(f"{url}/ping", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.skip(f"mlflow models serve did not answer on {url} within 120 s")
-            time.sleep(0.5)
+        wait_until_answers(proc, f"{url}/ping", 120, tmp_path / "serve.log", "mlflow models serve")
         body = {"dataframe_split": {"columns": ["item", "rating", "age_group", "region", "price_sensitivity"],
                                     "data": [["1", 5, "2", "1", "0"], [2, 1, None, None, None],
                                              ["3", 4.5, None, None, None]]},
@@ -353,11 +325,5 @@ def test_rest_server_answers_invocations(trained, rec, pyfunc_uri, tmp_path):
                             json={"dataframe_split": {"columns": ["item", "rating"], "data": [["1", "x"]]}})
         assert bad.status_code == 400 and "rating 'x' is not a number" in bad.json()["message"]
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        stop_group(proc)  # the server and its uvicorn worker
         log.close()

@@ -19,13 +19,7 @@ from typer.testing import CliRunner
 
 from metarec_runner.cli import ui
 from metarec_runner.cli.app import app
-from tests.helpers import METAREC
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.helpers import METAREC, free_port
 
 
 def test_a_port_in_use_is_one_line_and_nothing_starts(tmp_path: Path) -> None:
