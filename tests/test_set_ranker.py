@@ -2,7 +2,10 @@
 gradient by hand, support items out of the denominator, sampled softmax = full softmax when the
 sample is the catalog, batched adaptation and meta-gradients equal a per-task loop (float64),
 seeded random-k episodes that never keep padding, popularity counted from meta-train tasks once,
-and a short run on the toy catalog that beats popularity under full ranking."""
+evaluation-shaped (``protocol``) episodes and positive weighting against a hand computation and a
+per-task loop, the zero-shot correction (fading with k, its user term, only users with enough
+ratings), the item-item term (no diagonal, its own learning rate), and a short run on the toy
+catalog that beats popularity under full ranking."""
 
 from __future__ import annotations
 
@@ -166,10 +169,15 @@ def test_tied_output_is_the_input_tables_item_id_rows():
 # -- batched = per task ------------------------------------------------------------------------
 
 
-def test_batched_adapt_equals_a_per_task_loop():
+_EXTRAS = {"item_item": True, "zero_shot_bias": True, "zero_shot_fields": ["age"], "zero_shot_dim": 3}
+"""A set encoder with the item-item term and the zero-shot correction (with a user term)."""
+
+
+@pytest.mark.parametrize("extras", [False, True])
+def test_batched_adapt_equals_a_per_task_loop(extras):
     batch = _batch()
     batch.support_mask[0] = False  # an empty support set among them (k = 0)
-    algo = _algo(_model(), inner_steps=3)
+    algo = _algo(_model(**_EXTRAS) if extras else _model(), inner_steps=3)
     x = batch.query_x
     state = algo.adapt(batch).params["state"]
     pred = algo.adapt(batch).predict(x)
@@ -180,32 +188,39 @@ def test_batched_adapt_equals_a_per_task_loop():
     assert not torch.allclose(state, _algo(_model(), inner_steps=0).adapt(batch).params["state"])
 
 
-@pytest.mark.parametrize("dropped", ["target", "exclude"])
+@pytest.mark.parametrize(("dropped", "weighting", "extras"), [
+    ("target", "task", False), ("exclude", "task", False), ("protocol", "positive", True)])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_batched_meta_gradient_equals_a_per_task_loop(first_order, dropped):
-    """The batched meta-gradient (mean over the tasks with a positive) is the mean of each
-    task's own, through two inner steps, on a random-k episode."""
+def test_batched_meta_gradient_equals_a_per_task_loop(first_order, dropped, weighting, extras):
+    """The batched meta-gradient (weighted mean over the tasks with a positive) is the weighted
+    mean of each task's own, through two inner steps, on a random-k episode; with the item-item
+    term and the zero-shot correction too."""
     batch = _batch(n_tasks=6, seed=3)
-    algo = _algo(_model(), inner_steps=2, k_max=4, first_order=first_order, dropped=dropped, seed=7)
+    model = _model(**_EXTRAS) if extras else _model()
+    algo = _algo(model, inner_steps=2, k_max=4, first_order=first_order, dropped=dropped,
+                 weighting=weighting, seed=7)
     keep = subsample_support(batch.support_mask, algo.generator, 0, 4)
     params = [*algo.model.parameters(), *algo.net.parameters()]
-    loss, has, _ = algo.episode_loss(batch, keep)
-    batched = torch.autograd.grad(loss.sum() / has.sum(), params, allow_unused=True)
-    per_task = []
+    loss, weight, _ = algo.episode_loss(batch, keep)
+    batched = torch.autograd.grad((loss * weight).sum() / weight.sum(), params, allow_unused=True)
+    per_task, weights = [], []
     for b in range(batch.size):
         task = _task(batch, b)
-        one, one_has, _ = algo.episode_loss(task, keep[b:b + 1, :task.support_x.shape[1]])
-        assert one_has.item() == has[b].item()
+        one, one_weight, _ = algo.episode_loss(task, keep[b:b + 1, :task.support_x.shape[1]])
+        assert one_weight.item() == weight[b].item()
         assert one.item() == pytest.approx(loss[b].item(), abs=TOL)
-        if one_has.item():
+        if one_weight.item():
             per_task.append(torch.autograd.grad(one.sum(), params, allow_unused=True))
+            weights.append(one_weight.item())
     assert 3 <= len(per_task) < batch.size + 1
+    if weighting == "positive":
+        assert len(set(weights)) > 1  # tasks with different numbers of positives
     for i, got in enumerate(batched):
-        parts = [g[i] for g in per_task if g[i] is not None]
+        parts = [(g[i], w) for g, w in zip(per_task, weights, strict=True) if g[i] is not None]
         if got is None:
             assert not parts
             continue
-        assert torch.allclose(got, sum(parts) / len(per_task), atol=TOL, rtol=0)
+        assert torch.allclose(got, sum(p * w for p, w in parts) / sum(weights), atol=TOL, rtol=0)
 
 
 # -- episodes ----------------------------------------------------------------------------------
@@ -283,3 +298,103 @@ def test_a_short_toy_run_beats_popularity_under_full_ranking():
     assert fit.best_epoch >= 1
     assert "test/rmse" not in ours  # ranking scores: no rating metrics
     assert ours["test/ndcg_at_10"] > pop["test/ndcg_at_10"] + 0.05, (ours, pop)
+
+
+# -- the evaluation-shaped episodes, the zero-shot term, the item-item term -----------------------
+
+
+def test_protocol_episodes_score_each_positive_against_the_items_the_user_did_not_rate():
+    """``dropped: protocol``: a positive competes with every catalog item except the user's other
+    rated items (support kept or hidden, query), as the all-unseen evaluation ranks."""
+    batch = _batch(n_tasks=1, seed=5)
+    algo = _algo(_model(), inner_steps=0, dropped="protocol")
+    keep = batch.support_mask.clone()
+    keep[0, 2:] = False
+    loss, weight, _ = algo.episode_loss(batch, keep)
+    state = algo.model.encode_support(batch.support_x, batch.support_y, keep)
+    scores = algo.model.catalog_scores(state, batch.query_x[:, 0])[0]
+    rated = torch.cat([batch.query_x[0, :, -1][batch.query_mask[0]], batch.support_x[0, :, -1][batch.support_mask[0]]])
+    pos = torch.cat([batch.query_x[0, :, -1][batch.query_mask[0] & (batch.query_y[0] >= 2.5)],
+                     batch.support_x[0, :, -1][~keep[0] & batch.support_mask[0] & (batch.support_y[0] >= 2.5)]])
+    expected = []
+    for q in pos.tolist():
+        allowed = torch.ones(40, dtype=torch.bool)
+        allowed[rated] = False
+        allowed[q] = True
+        expected.append(torch.logsumexp(scores[allowed], 0) - scores[q])
+    assert len(expected) >= 2 and weight.item() == 1.0  # weighting: task
+    assert loss.item() == pytest.approx(torch.stack(expected).mean().item(), abs=TOL)
+
+
+def test_zero_shot_correction_fades_with_the_support_and_depends_on_the_users_fields():
+    model = _model(**_EXTRAS)
+    x = torch.randint(0, 4, (2, 5, 4))
+    x[1, :, 0] = (x[0, :, 0] + 1) % 4  # the second user has another age
+    y, m = torch.full((2, 5), 4.0, dtype=torch.float64), torch.ones(2, 5, dtype=torch.bool)
+    rows = x[:, 0]
+    mu0 = torch.exp(model.log_zero_shrinkage)
+    z = model.zero_shot + model.zero_users.pooled(rows) @ model.zero_items.T  # [2, 40]
+    model.item_item.data.zero_()  # the item-item term alone is tested below
+    for n in (0, 2, 5):
+        got = model.support_scores(x[:, :n], y[:, :n], m[:, :n], rows)
+        assert torch.allclose(got, mu0 / (n + mu0) * z, atol=TOL, rtol=0), n
+    assert not torch.allclose(z[0], z[1])  # a learned group popularity
+    with pytest.raises(ConfigError, match="zero_shot_fields"):
+        SetEncoder(SCHEMA, zero_shot_fields=["genre", "town"], zero_shot_bias=True)
+    skip = SetEncoder(SCHEMA, zero_shot_fields=["age", "town"], zero_shot_bias=True, missing_fields="skip")
+    assert skip.zero_users.fields == ("age",)
+
+
+def test_item_item_term_is_the_weighted_support_row_times_w_without_the_diagonal_and_learns():
+    model = _model(item_item=True, item_item_norm="sum", shrinkage=0.0)
+    x = torch.zeros(1, 3, 4, dtype=torch.long)
+    x[0, :, -1] = torch.tensor([3, 7, 3])  # item 3 twice
+    y, m = torch.tensor([[5.0, 2.0, 4.0]], dtype=torch.float64), torch.ones(1, 3, dtype=torch.bool)
+    a, c = model.item_item_weights.detach()
+    w = a + c * (y[0] - 3.0)
+    W = model.item_item.detach().clone().fill_diagonal_(0.0)
+    expected = (w[0] + w[2]) * W[3] + w[1] * W[7]
+    got = model.support_scores(x, y, m)[0]
+    assert torch.allclose(got, expected, atol=TOL, rtol=0)
+    with torch.no_grad():
+        model.item_item[3, 3] += 100.0  # the diagonal never scores an item from itself
+    assert torch.allclose(model.support_scores(x, y, m)[0], got, atol=TOL, rtol=0)
+    algo = _algo(model, item_item_lr=0.5)
+    assert algo.optimizer.param_groups[1]["params"][0] is model.item_item
+    assert algo.optimizer.param_groups[1]["lr"] == 0.5
+    before = model.item_item.detach().clone()
+    algo.meta_step(_batch())
+    assert not torch.equal(model.item_item.detach(), before)
+    with pytest.raises(ConfigError, match="n_negatives"):
+        _algo(_model(item_item=True), n_negatives=8)
+
+
+def test_zero_shot_term_trains_the_k0_answer_on_users_with_enough_ratings_only():
+    batch = _batch(n_tasks=6, seed=2)
+    n = batch.support_mask.sum(1) + batch.query_mask.sum(1)
+    cut = int(n.float().median())
+    algo = _algo(_model(zero_shot_bias=True), zero_shot_weight=1.0, zero_shot_min_ratings=cut,
+                 weighting="positive", dropped="protocol")
+    loss, weight = algo.zero_shot_loss(batch, batch.query_x[:, 0])
+    pos = (batch.query_mask & (batch.query_y >= 2.5)).sum(1) + (batch.support_mask & (batch.support_y >= 2.5)).sum(1)
+    assert torch.equal(weight, (pos * (n >= cut)).to(weight.dtype))
+    assert 0 < int((weight > 0).sum()) < batch.size
+    empty = replace(batch, support_x=batch.support_x[:, :0], support_y=batch.support_y[:, :0],
+                    support_mask=batch.support_mask[:, :0])
+    k0 = algo.adapt(empty).predict(batch.query_x)  # the zero-shot answer the term trains
+    before = k0.clone()
+    z = algo.model.zero_shot
+    grad = torch.autograd.grad((loss * weight).sum() / weight.sum(), z)[0]
+    assert grad.abs().sum() > 0
+    stats = algo.meta_step(batch)
+    assert math.isfinite(stats["zero_shot_loss"])
+    assert not torch.allclose(algo.adapt(empty).predict(batch.query_x), before)
+
+
+def test_popularity_can_count_only_the_positives():
+    batch = _batch()
+    model = SetEncoder(SCHEMA, embedding_dim=4).double()
+    _algo(model, count="positive").meta_step(batch)
+    items = torch.cat([batch.support_x[..., -1][batch.support_mask & (batch.support_y >= 2.5)],
+                       batch.query_x[..., -1][batch.query_mask & (batch.query_y >= 2.5)]])
+    assert torch.equal(model.item_count, torch.bincount(items, minlength=40).double())

@@ -5,6 +5,7 @@
 - :func:`sampled_softmax_loss`: the same with the catalog replaced by a shared sample of items,
   logQ-corrected (S. Jean et al. ACL 2015; X. Yi et al. RecSys 2019), accidental hits removed.
 - :func:`subsample_support`: random-k episodes, ``k ~ Uniform{k_min..k_max}`` rows per task.
+- :func:`task_weights`: how much each task's loss weighs in a batch's mean.
 
 A task without a positive costs 0 and is flagged, so a batch averages over the tasks that have one.
 Masked logits are the dtype's finite minimum, never ``-inf``: a task whose every item is excluded
@@ -74,6 +75,18 @@ def sampled_softmax_loss(user: Tensor, out: Tensor, offset: Tensor, pos_items: T
     neg = neg.unsqueeze(1).expand(-1, s.shape[1], -1).masked_fill(drop, torch.finfo(s.dtype).min)
     denom = torch.logsumexp(torch.cat([s.unsqueeze(-1), neg], -1), -1)
     return _task_mean(denom - s, pos_mask)
+
+
+WEIGHTINGS = ("task", "positive")
+"""A batch's loss: the mean over its tasks with a positive, or over all of its positives."""
+
+
+def task_weights(pos_mask: Tensor, has: Tensor, weighting: str, dtype: torch.dtype) -> Tensor:
+    """Weights ``[B]`` of the tasks' losses in a batch's weighted mean: ``has [B]`` (``task``: every
+    task with a positive alike) or the number of positives of ``pos_mask [B, P]`` (``positive``:
+    every positive alike, so a heavy user weighs as much as their ratings, as popularity counts
+    do). A task without a positive weighs 0 either way."""
+    return (has if weighting == "task" else pos_mask.sum(-1)).to(dtype)
 
 
 def subsample_support(mask: Tensor, generator: torch.Generator, k_min: int = 0,

@@ -14,9 +14,11 @@ order through the steps is cheap: ``u`` is ``[B, d]``). All tasks of a batch at 
 **Catalog softmax** (:func:`catalog_softmax_loss`). With excluded items ``X`` and positives
 ``P``, positive ``q`` costs ``-s_q + log sum_{i in catalog - X, or i = q} exp(s_i)``: the item
 against every item the user could still be recommended, as under ``evaluator=all_unseen``; a
-task's loss is the mean over ``P``, a batch's the mean over tasks with a positive. Outer loss:
+task's loss is the mean over ``P``, a batch's the mean over tasks with a positive (``weighting:
+task``) or over positives (``positive``: a task weighs its number of positives). Outer loss:
 ``P`` = the query items rated ``>= positive_threshold`` (every row with ``null``: implicit data)
-plus, with ``dropped: target``, the support rows the episode hid; ``X`` = the episode's support.
+plus, with ``dropped: target | protocol``, the support rows the episode hid; ``X`` = the
+episode's support, or with ``protocol`` every item the user rated (each positive keeps itself).
 Inner loss: the support's positives, each against the catalog minus the other support items.
 ``n_negatives`` replaces the catalog by that many items shared by the batch, drawn ``~ (count +
 1)^sampling_exponent``, logits ``s_i - log(n_negatives q_i)`` (:func:`sampled_softmax_loss`).
@@ -24,12 +26,24 @@ Inner loss: the support's positives, each against the catalog minus the other su
 **Episodes with random k.** Meta-train supports are cut to ``k ~ Uniform{k_min..min(k_max, n)}``
 random rows (:func:`subsample_support`, a CPU generator seeded by ``seed``), so small-k users
 are trained for; validation and test use the support as given. Hidden rows are extra targets
-(``dropped: target``: random items of the same user, as the query is) or only leave the softmax
-(``exclude``).
+(``dropped: target``: random items of the same user, as the query is), extra targets scored as
+the evaluation scores the query (``protocol``), or only leave the softmax (``exclude``).
+
+**Zero-shot term.** With ``zero_shot_weight > 0`` every episode also scores its user with an
+empty support (the model's ``k = 0`` answer: the no-support state, the user's own fields, the
+item priors) on all of the user's positives, and adds that loss times the weight: the ``k = 0``
+answer is trained on every user, not only on the rare ``k = 0`` episodes (``X`` as the outer
+loss's; ``zero_shot_min_ratings`` keeps only users with as many ratings as the evaluated ones).
+
+**Item-item term.** A model with ``support_scores`` (``model.item_item: true``) adds per-item
+scores computed from the support alone; they take no inner step (only ``u`` does), its
+``penalty()`` is added to the meta-objective, and ``item_item_lr`` gives its weights their own
+learning rate.
 
 **Popularity prior.** ``meta_step`` adds each meta-train task's support and query items to the
 model's ``item_count`` buffer once (``batch.task_index``): from the end of the first epoch (the
-first validation) it holds every meta-train interaction. Validation/test tasks are never counted.
+first validation) it holds every meta-train interaction (``count: positive``: every positive).
+Validation/test tasks are never counted.
 
 Scores rank, they are not ratings (``predicts_ratings = False``): monitor a ranking metric,
 e.g. ``trainer.monitor=val/ndcg_at_10``.
@@ -39,6 +53,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import ClassVar
 
 import torch
@@ -46,9 +61,11 @@ from torch import Tensor, nn
 
 from metarec_runner.algos.base import AdaptedScorer, MetaAlgorithm
 from metarec_runner.algos.catalog_softmax import (
+    WEIGHTINGS,
     catalog_softmax_loss,
     sampled_softmax_loss,
     subsample_support,
+    task_weights,
 )
 from metarec_runner.algos.compat import check_compatible
 from metarec_runner.errors import (
@@ -59,9 +76,11 @@ from metarec_runner.errors import (
 )
 from metarec_runner.tasks.taskset import TaskBatch
 
-DROPPED = ("target", "exclude")
-"""What an episode does with the support rows it hides: score them as extra positives, or only
-remove them from the softmax."""
+DROPPED = ("target", "exclude", "protocol")
+"""What an episode does with the support rows it hides: score them as extra positives, only
+remove them from the softmax, or ``protocol``: score them as extra positives, each against the
+catalog minus every other item the user rated (support and query): the evaluation's candidate
+set (``evaluator=all_unseen`` never ranks an item the user rated outside the query)."""
 
 
 class _StepSizes(nn.Module):
@@ -90,10 +109,19 @@ class SetRanker(MetaAlgorithm):
         first_order: drop the second-order terms of the inner steps.
         subsample: cut meta-train support sets to a random ``k`` (episodes with random k).
         k_min, k_max: the range of ``k`` (``k_max`` null = up to the whole support set).
-        dropped: ``target`` | ``exclude`` (see :data:`DROPPED`).
+        dropped: ``target`` | ``exclude`` | ``protocol`` (see :data:`DROPPED`).
         n_negatives: null = full softmax over the catalog; else sampled softmax with this many
             shared negatives per batch.
         sampling_exponent: negatives drawn ``~ (count + 1)^exponent`` (0 = uniform).
+        zero_shot_weight: weight of the zero-shot term (see the module docstring); 0 = off.
+        zero_shot_min_ratings: the zero-shot term counts only meta-train users with at least this
+            many ratings (e.g. the splitter's ``min_interactions``, the evaluated users'); 0 or
+            null = all.
+        weighting: ``task`` | ``positive``: a batch's loss is the mean over its tasks, or over
+            its positives (:func:`~metarec_runner.algos.catalog_softmax.task_weights`).
+        count: ``all`` | ``positive``: which meta-train rows the popularity prior counts (every
+            interaction, or only the positives, what the softmax's targets are).
+        item_item_lr: learning rate of the model's item-item weights (null = the optimizer's).
         seed: seeds the episode sampling and the negatives.
     """
 
@@ -113,7 +141,10 @@ class SetRanker(MetaAlgorithm):
                  step_shrinkage: float = 1.0,
                  first_order: bool = False, subsample: bool = True, k_min: int = 0,
                  k_max: int | None = 20, dropped: str = "target", n_negatives: int | None = None,
-                 sampling_exponent: float = 0.75, seed: int = 0) -> None:
+                 sampling_exponent: float = 0.75, zero_shot_weight: float = 0.0,
+                 zero_shot_min_ratings: int | None = 0,
+                 item_item_lr: float | None = None, weighting: str = "task", count: str = "all",
+                 seed: int = 0) -> None:
         # MetaAlgorithm.__init__ is not called: its optimizer would miss the step sizes
         self.model, self.scope, self.touched_rows, self.loss = model, "all", False, "softmax"
         check_compatible(self, model)
@@ -128,6 +159,17 @@ class SetRanker(MetaAlgorithm):
         require_choice("dropped", dropped, DROPPED)
         if n_negatives is not None:
             require_positive("n_negatives", n_negatives)
+        require_non_negative("zero_shot_weight", zero_shot_weight)
+        require_non_negative("zero_shot_min_ratings", zero_shot_min_ratings or 0)
+        require_choice("count", count, ("all", "positive"))
+        require_choice("weighting", weighting, WEIGHTINGS)
+        self.count, self.weighting = count, weighting
+        if item_item_lr is not None:
+            require_positive("item_item_lr", item_item_lr)
+        self.item_item = getattr(model, "item_item", None)  # W [n_items, n_items] or None
+        if self.item_item is not None and n_negatives is not None:
+            raise ConfigError("n_negatives", "the item-item term needs the full softmax; set "
+                              "algo.n_negatives=null or model.item_item=false")
         if not isinstance(seed, int) or seed < 0:
             raise ConfigError("seed", f"must be a non-negative integer, got {seed!r}")
         self.threshold = None if positive_threshold is None else float(positive_threshold)
@@ -139,14 +181,21 @@ class SetRanker(MetaAlgorithm):
         self.dropped = dropped
         self.n_negatives = None if n_negatives is None else int(n_negatives)
         self.sampling_exponent = float(sampling_exponent)
+        self.zero_shot_weight = float(zero_shot_weight)
+        self.zero_shot_min_ratings = int(zero_shot_min_ratings or 0)
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
         first = next(model.parameters())
         self.net = _StepSizes(model.dim, float(inner_lr), float(step_shrinkage)).to(
             device=first.device, dtype=first.dtype)
         self.seen = torch.zeros(0, dtype=torch.bool)  # meta-train task positions counted
+        rest = [p for p in [*model.parameters(), *self.net.parameters()] if p is not self.item_item]
+        groups = [{"params": rest}]
+        if self.item_item is not None:
+            groups.append({"params": [self.item_item]} if item_item_lr is None else
+                          {"params": [self.item_item], "lr": float(item_item_lr)})
         try:
-            self.optimizer = meta_optimizer(params=[*model.parameters(), *self.net.parameters()])
+            self.optimizer = meta_optimizer(params=groups)
         except ValueError as e:
             raise ConfigError("meta_optimizer", f"{e}; fix the value under meta_optimizer") from None
 
@@ -170,15 +219,20 @@ class SetRanker(MetaAlgorithm):
         new = new.to(batch.support_x.device)
         items = torch.cat([batch.support_x[..., -1], batch.query_x[..., -1]], 1)[new]
         mask = torch.cat([batch.support_mask, batch.query_mask], 1)[new]
+        if self.count == "positive":
+            y = torch.cat([batch.support_y, batch.query_y], 1)[new]
+            mask = self.positives(y, mask)
         self.model.add_item_counts(items[mask])
 
     def loss_of(self, state: Tensor, user_rows: Tensor, pos_items: Tensor, pos_mask: Tensor,
-                excl_items: Tensor, excl_mask: Tensor,
-                negatives: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Per-task softmax loss ``[B]`` and whether the task has a positive, for states ``[B, d]``."""
+                excl_items: Tensor, excl_mask: Tensor, negatives: Tensor | None = None,
+                extra: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Per-task softmax loss ``[B]`` and whether the task has a positive, for states ``[B, d]``
+        (``extra [B, n_items]``: the item-item term, or None)."""
         model = self.model
         if negatives is None:
-            scores = model.catalog_scores(state, user_rows)
+            scores = model.catalog_scores(state, user_rows, extra) if extra is not None else \
+                model.catalog_scores(state, user_rows)
             excluded = torch.zeros_like(scores, dtype=torch.bool)
             rows = torch.arange(scores.shape[0], device=scores.device).unsqueeze(-1).expand_as(excl_items)
             excluded[rows[excl_mask], excl_items[excl_mask]] = True
@@ -198,8 +252,8 @@ class SetRanker(MetaAlgorithm):
                                  generator=self.generator).to(device)
 
     def inner_loop(self, state: Tensor, batch: TaskBatch, keep: Tensor, user_rows: Tensor,
-                   steps: int, create_graph: bool,
-                   negatives: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                   steps: int, create_graph: bool, negatives: Tensor | None = None,
+                   extra: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """``steps`` Meta-SGD steps on states ``[B, d]`` on the kept support rows ``keep [B, S]``.
 
         Returns ``(adapted states [B, d], support loss [B] before the first step or None)``."""
@@ -215,45 +269,86 @@ class SetRanker(MetaAlgorithm):
         for _ in range(steps):
             if not state.requires_grad:
                 state = state.detach().requires_grad_(True)
-            loss, _ = self.loss_of(state, user_rows, items, pos, items, keep, negatives)
+            loss, _ = self.loss_of(state, user_rows, items, pos, items, keep, negatives, extra)
             first = loss.detach() if first is None else first
             (grad,) = torch.autograd.grad(loss.sum(), state, create_graph=create_graph)
             state = state - lr * grad
         return state, first
 
     # -- the MetaAlgorithm interface ---------------------------------------------------------
+    def support_scores(self, batch: TaskBatch, keep: Tensor) -> Tensor | None:
+        """The model's support-dependent per-item scores ``[B, n_items]`` (item-item term,
+        zero-shot correction) of the kept support rows, or None. User fields are read from each
+        task's first query row (constant within a user task; no item of it is read)."""
+        if not getattr(self.model, "has_support_scores", False):
+            return None
+        return self.model.support_scores(batch.support_x, batch.support_y, keep, batch.query_x[:, 0])
+
+    def zero_shot_loss(self, batch: TaskBatch, user_rows: Tensor) -> tuple[Tensor, Tensor]:
+        """The ``k = 0`` answer's loss ``[B]`` on all of each user's positives (support and query),
+        and the tasks' weights (:func:`task_weights`). Excluded: nothing, or with ``dropped:
+        protocol`` every other item the user rated."""
+        empty = batch.support_mask[:, :0]
+        state = self.model.encode_support(batch.support_x[:, :0], batch.support_y[:, :0], empty)  # [B, d]
+        extra = self.support_scores(replace(batch, support_mask=empty, support_x=batch.support_x[:, :0],
+                                            support_y=batch.support_y[:, :0]), empty)
+        items = torch.cat([batch.query_x[..., -1], batch.support_x[..., -1]], 1)
+        pos = torch.cat([self.positives(batch.query_y, batch.query_mask),
+                         self.positives(batch.support_y, batch.support_mask)], 1)
+        rated = torch.cat([batch.query_mask, batch.support_mask], 1)
+        if self.dropped == "protocol":  # every rated item out, each positive keeps itself
+            loss, has = self.loss_of(state, user_rows, items, pos, items, rated, None, extra)
+        else:
+            loss, has = self.loss_of(state, user_rows, items, pos, items[:, :0], rated[:, :0], None, extra)
+        weight = task_weights(pos, has, self.weighting, loss.dtype)
+        if self.zero_shot_min_ratings:  # only users like the evaluated ones (>= that many ratings)
+            weight = weight * (rated.sum(-1) >= self.zero_shot_min_ratings).to(weight.dtype)
+        return loss, weight
+
     def episode_loss(self, batch: TaskBatch, keep: Tensor,
                      negatives: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """The meta-objective's terms for an episode that keeps support rows ``keep [B, S]``.
 
         Returns:
-            ``(query loss [B], has_positive [B], support loss [B] before the inner steps or None)``,
-            differentiable w.r.t. the model and the step sizes.
+            ``(query loss [B], task weight [B] (:func:`task_weights`; 0 = no positive), support
+            loss [B] before the inner steps or None)``, differentiable w.r.t. the model and the
+            step sizes.
         """
         mask = batch.support_mask
         user_rows = batch.query_x[:, 0]  # user fields from a query row: every task has one, k = 0 too
         state = self.model.encode_support(batch.support_x, batch.support_y, keep)
+        extra = self.support_scores(batch, keep)
         state, support_loss = self.inner_loop(state, batch, keep, user_rows, self.inner_steps,
-                                              not self.first_order, negatives)
+                                              not self.first_order, negatives, extra)
         q_items, s_items = batch.query_x[..., -1], batch.support_x[..., -1]
         pos_items, pos = q_items, self.positives(batch.query_y, batch.query_mask)
         excl = keep
-        if self.dropped == "target":
+        excl_items = s_items
+        if self.dropped in ("target", "protocol"):
             pos_items = torch.cat([q_items, s_items], 1)
             pos = torch.cat([pos, self.positives(batch.support_y, mask & ~keep)], 1)
-        else:
+        if self.dropped == "exclude":
             excl = mask
-        loss, has = self.loss_of(state, user_rows, pos_items, pos, s_items, excl, negatives)
-        return loss, has, support_loss
+        elif self.dropped == "protocol":  # every rated item out, each positive keeps itself
+            excl_items, excl = pos_items, torch.cat([batch.query_mask, mask], 1)
+        loss, has = self.loss_of(state, user_rows, pos_items, pos, excl_items, excl, negatives, extra)
+        return loss, task_weights(pos, has, self.weighting, loss.dtype), support_loss
 
     def meta_step(self, batch: TaskBatch) -> dict[str, float]:
         self.count_items(batch)
         mask = batch.support_mask
         keep = subsample_support(mask, self.generator, self.k_min, self.k_max) if self.subsample else mask
         loss, has, support_loss = self.episode_loss(batch, keep, self.draw_negatives(mask.device))
-        objective = loss.sum() / has.sum().clamp_min(1)  # mean over the tasks with a positive
-        self._outer_update(objective)
+        objective = (loss * has).sum() / has.sum().clamp_min(1)  # weighted mean over the tasks
         out = {"loss": objective.item(), "support_k": keep.sum(-1).double().mean().item()}
+        if self.zero_shot_weight:
+            zero, zero_has = self.zero_shot_loss(batch, batch.query_x[:, 0])
+            zero = (zero * zero_has).sum() / zero_has.sum().clamp_min(1)
+            objective = objective + self.zero_shot_weight * zero
+            out["zero_shot_loss"] = zero.item()
+        if hasattr(self.model, "penalty"):
+            objective = objective + self.model.penalty()
+        self._outer_update(objective)
         if support_loss is not None:
             out["support_loss"] = support_loss.mean().item()
         return out
@@ -264,15 +359,21 @@ class SetRanker(MetaAlgorithm):
         random draw makes the result depend on what ran before)."""
         with torch.no_grad():
             state = self.model.encode_support(batch.support_x, batch.support_y, batch.support_mask)
+            extra = self.support_scores(batch, batch.support_mask)
         if self.eval_inner_steps and batch.support_x.shape[1]:
             with torch.enable_grad():  # support rows carry the user's own fields
                 state, _ = self.inner_loop(state, batch, batch.support_mask, batch.support_x[:, 0],
-                                           self.eval_inner_steps, False)
-        return AdaptedScorer(self, {"state": state.detach()})
+                                           self.eval_inner_steps, False, None, extra)
+        params = {"state": state.detach()}
+        if extra is not None:
+            params["extra"] = extra.detach()
+        return AdaptedScorer(self, params)
 
     def predict(self, params: dict[str, Tensor] | None, x: Tensor) -> Tensor:
         if params is None:
             return self.model(x)
+        if "extra" in params:
+            return self.model.score(params["state"], x, params["extra"])
         return self.model.score(params["state"], x)
 
     def state_dict(self) -> dict:
