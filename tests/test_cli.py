@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -65,11 +66,13 @@ def test_single_run_is_tracked_with_params_metrics_artifacts(tmp_path):
     assert run.data.params["algo._target_"] == "metarec_runner.algos.maml.MAML"
     assert run.data.params["algo.inner_lr"] == "0.05"
     assert run.data.tags["algo"] == "maml" and len(run.data.tags["split_hash"]) == 16
-    assert "test/rmse" in run.data.metrics and "test/rmse_ci95" in run.data.metrics
+    assert "test/rmse" in run.data.metrics and "ci95/test/rmse" in run.data.metrics
+    assert run.data.params["algo"] == "maml" and "paths.output_root" in run.data.tags
     history = client.get_metric_history(run.info.run_id, "val/rmse")
     assert [m.step for m in history] == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"per_task.csv", "config_resolved.yaml", "metrics.json", "hydra"} <= artifacts
+    assert {"per_task.csv", "config_resolved.yaml", "metrics.json", "hydra", "metarec.log",
+            "test_metrics.json"} <= artifacts
     hydra_files = {a.path for a in client.list_artifacts(run.info.run_id, "hydra")}
     assert {"hydra/config.yaml", "hydra/overrides.yaml", "hydra/hydra.yaml"} <= hydra_files
     local = Path(client.download_artifacts(run.info.run_id, "metrics.json", str(tmp_path)))
@@ -91,6 +94,17 @@ def test_two_job_sweep_has_one_parent_with_two_children(tmp_path):
     assert all(r.info.status == "FINISHED" for r in runs)
     sweep_dirs = list((out / "multiruns").glob("*/*"))
     assert len(sweep_dirs) == 1 and (sweep_dirs[0] / "mlflow_parent.json").exists()
+    # the terminal: one line per job, no per-job test table, the comparison at the end
+    parent_id = parents[0].info.run_id
+    assert "test metrics (mean over test users" not in res.stdout
+    jobs = [line for line in res.stdout.splitlines() if line.startswith("job ")]
+    assert len(jobs) == 2 and all(re.search(r": test/rmse=\d\.\d{4} ±\d\.\d{4} .*best epoch .* run \w+", j)
+                                  for j in jobs), res.stdout
+    end = res.stdout[res.stdout.index("test/rmse (lower is better), 2 runs"):]
+    assert "│ maml" in end and "│ global" in end
+    assert f"sweep parent run {parent_id}" in end and f"metarec compare --sweep {parent_id}" in end
+    assert "metarec ui" in end
+    assert all((Path(c.data.tags["output_dir"]) / "metarec.log").is_file() for c in children)
 
 
 def test_missing_algo_is_one_line_and_leaves_nothing(tmp_path):

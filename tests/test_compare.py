@@ -40,7 +40,7 @@ def _hand_runs() -> pd.DataFrame:
         "seed": pd.array([0, 1, 2, 0, 0, 1], dtype="Int64"),
         "split_hash": ["h1", "h1", "h1", "h2", "h1", "h1"],
         "test/rmse": [1.0, 1.2, 1.4, 0.9, 1.5, 1.7],
-        "test/rmse_ci95": [0.1, 0.1, 0.1, 0.05, 0.2, 0.2],
+        "ci95/test/rmse": [0.1, 0.1, 0.1, 0.05, 0.2, 0.2],
         "test/ndcg_at_5": [0.5, 0.6, 0.7, 0.8, 0.4, 0.4],
     })
 
@@ -176,6 +176,51 @@ def test_shots_table_pairs_each_user_at_the_same_k():
     assert m.loc["3", "mean"] == pytest.approx(0.4) and m.loc["3", "n_seeds"] == 2
 
 
+def test_shots_of_a_metric_mlflow_does_not_hold_come_from_the_per_user_tables():
+    """MLflow holds the headline metrics at each k (test_k<k>/rmse); any other metric at k is the
+    mean over the run's users at k in its few_shot_per_task.csv (NaN users left out)."""
+    from metarec_runner.report.compare import expand_shots, has_shots, shots_table
+
+    runs = pd.DataFrame({
+        "run_id": ["m0", "p0", "x0"], "algo": ["m", "pop", "x"], "seed": pd.array([0, 0, 0], dtype="Int64"),
+        "split_hash": ["h"] * 3, "test/recall_at_5": [0.5, 0.2, 0.3], "test_k0/rmse": [1.0, 1.1, math.nan],
+        "params.evaluator.shots": ["[0, 3]", "[0, 3]", "[]"]})
+    shot = {"m0": {0: [0.1, math.nan], 3: [0.2, 0.4]}, "p0": {0: [0.2, 0.2], 3: [0.1, 0.3]}}
+    asked = []
+
+    def per_task(run_id, name="per_task.csv"):
+        asked.append((run_id, name))
+        assert name == "few_shot_per_task.csv"
+        rows = [(k, t, v) for k, values in shot[run_id].items() for t, v in zip((1, 2), values, strict=True)]
+        return pd.DataFrame(rows, columns=["shots", "task_id", "recall_at_5"])
+
+    assert has_shots(runs) and has_shots(runs, "recall_at_5") and not has_shots(runs.drop(columns=[
+        "params.evaluator.shots", "test_k0/rmse"]))
+    expanded = expand_shots(runs, "recall_at_5", per_task).set_index("run_id")
+    assert expanded.loc["m0@0", "test/recall_at_5"] == pytest.approx(0.1)  # the NaN user left out
+    assert expanded.loc["m0@3", "test/recall_at_5"] == pytest.approx(0.3)
+    assert expanded.loc["x0", "k"] == "all" and "x0@0" not in expanded.index  # no shots: not read
+    assert ("x0", "few_shot_per_task.csv") not in asked
+    logged = expand_shots(runs, "rmse").set_index("run_id")  # the logged headline: no table read
+    assert logged.loc["p0@0", "test/rmse"] == pytest.approx(1.1)
+    table = shots_table(runs, "recall_at_5", per_task=per_task)
+    assert table[["k", "algo"]].values.tolist() == [["0", "pop"], ["0", "m"], ["3", "m"], ["3", "pop"],
+                                                   ["all", "m"], ["all", "x"], ["all", "pop"]]
+
+
+def test_print_compare_table_on_any_console():
+    from rich.console import Console
+
+    from metarec_runner.cli.compare import print_compare_table
+
+    runs = _hand_runs()
+    console = Console(record=True, width=200)
+    print_compare_table(console, compare_table(runs, "rmse"), runs, "a note")
+    text = console.export_text()
+    assert "test/rmse (lower is better), 6 runs" in text and "a note" in text
+    assert text.index("│ b ") < text.index("│ a ") < text.index("│ base ")
+
+
 def test_compare_table_errors_name_the_fix():
     with pytest.raises(CompareError, match="available: ndcg_at_5, rmse"):
         compare_table(_hand_runs(), "mae")
@@ -204,7 +249,7 @@ def sweep_store(tmp_path_factory) -> Path:
     """A real sqlite store with one sweep: maml and global, seeds 0 and 1 (4 child runs)."""
     root = tmp_path_factory.mktemp("compare")
     out = root / "outputs"
-    res = subprocess.run([*METAREC, "train", "-m", "+algo=maml,global", "seed=0,1", *TINY],
+    res = subprocess.run([*METAREC, "train", "-m", "+algo=maml,global", "seed=0,1", "evaluator.shots=[0,2]", *TINY],
                          cwd=root, env=metarec_env(out), capture_output=True, text=True, check=False, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return out
@@ -227,8 +272,9 @@ def test_collect_runs_and_group_by_algo(sweep_store):
     assert len(runs) == 4 and runs["parent_run_id"].nunique() == 1
     assert sorted(runs["algo"]) == ["global", "global", "maml", "maml"]
     assert sorted(runs["seed"].tolist()) == [0, 0, 1, 1] and runs["split_hash"].nunique() == 1
-    assert {"test/rmse", "test/rmse_ci95", "model", "dataset", "split_seed",
-            "params.algo._target_"} <= set(runs.columns)
+    assert {"test/rmse", "ci95/test/rmse", "ref/constant/rmse", "model", "dataset", "split_seed",
+            "params.algo._target_", "params.algo"} <= set(runs.columns)
+    assert not [c for c in runs.columns if c.startswith("test/ref/") or c.endswith("_ci95")]
     assert (runs["status"] == "FINISHED").all()
     # the same runs without the sweep filter (the parent run itself is never a row)
     assert len(collect_runs(_uri(sweep_store))) == 4
@@ -320,6 +366,22 @@ def test_cli_table_csv_and_errors(sweep_store):
 
     res = _compare(sweep_store, "--experiment", "Default")  # exists, holds no runs
     assert res.returncode == 2 and res.stderr.strip() == "metarec: error: no finished runs in experiment 'Default'"
+
+
+@pytest.mark.slow
+def test_cli_shots_read_every_metric_at_every_k(sweep_store):
+    """`--shots` for a metric MLflow holds at each k (rmse) and for one only the per-user
+    few-shot tables hold (recall_at_5): one row per (k, algo), the baseline paired at each k."""
+    for metric in ("rmse", "recall_at_5"):
+        res = _compare(sweep_store, "--sweep", "latest", "--shots", "--metric", metric, "--baseline", "global",
+                       "--format", "csv")
+        assert res.returncode == 0, res.stderr
+        frame = pd.read_csv(io.StringIO(res.stdout), dtype={"k": str})
+        assert sorted(set(frame["k"])) == ["0", "2", "all"]
+        assert (frame.groupby("k")["algo"].apply(sorted) == pd.Series({"0": ["global", "maml"]} | {
+            k: ["global", "maml"] for k in ("2", "all")})).all()
+        maml = frame[frame["algo"] == "maml"].set_index("k")
+        assert (maml["n_seeds"] == 2).all() and (maml["paired"] == "yes").all()
 
 
 @pytest.mark.slow

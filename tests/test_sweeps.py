@@ -20,7 +20,8 @@ from tests.helpers import METAREC, compose, metarec_env
 
 TINY = ["dataset.n_users=120", "dataset.n_items=80", "trainer.max_epochs=1", "trainer.progress=false"]
 RUN_ARTIFACTS = {"config_resolved.yaml", "metrics.json", "per_task.csv", "by_support_size.csv",
-                 "history.csv", "hydra", "plots"}
+                 "history.csv", "hydra", "plots", "metarec.log", "test_metrics.csv", "test_metrics.json"}
+MAX_METRICS = 64  # about 60 metric keys per child run (62 with the default evaluator)
 
 
 def _metarec(out: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -118,6 +119,7 @@ def joblib_sweep(tmp_path_factory) -> Path:
                    "+algo=maml,global", "seed=0,1", *TINY)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "JoblibLauncher: threads=1 per job" in res.stdout + res.stderr
+    (out / "sweep_stdout.txt").write_text(res.stdout)
     return out
 
 
@@ -137,6 +139,10 @@ def test_joblib_sweep_one_parent_four_finished_children(joblib_sweep: Path, tmp_
         assert child.data.params["threads"] == "1"  # one torch thread per parallel job
         assert child.data.params["trainer.max_epochs"] == "1"
         assert "test/rmse" in child.data.metrics and "val/rmse" in child.data.metrics
+        assert child.data.params["algo"] == child.data.tags["algo"]  # the swept group is a param
+        assert len(child.data.metrics) <= MAX_METRICS, sorted(child.data.metrics)
+        assert "ci95/test/rmse" in child.data.metrics and not any("_ci95" in k for k in child.data.metrics)
+        assert not [k for k in child.data.params if k.startswith("paths.")]
         assert len(client.get_metric_history(child.info.run_id, "train/loss")) == 1
         names = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert RUN_ARTIFACTS <= names, RUN_ARTIFACTS - names
@@ -145,7 +151,7 @@ def test_joblib_sweep_one_parent_four_finished_children(joblib_sweep: Path, tmp_
     # every job wrote its own folder; the parent got the comparison of the children
     assert len({c.data.tags["output_dir"] for c in children}) == 4
     parent_files = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert parent_files == {"sweep_comparison.png", "sweep_comparison.csv"}
+    assert parent_files == {"sweep_comparison.png", "sweep_comparison.csv", "sweep_comparison.json"}
     dst = tmp_path / "dl"
     dst.mkdir()
     png = Path(client.download_artifacts(parent.info.run_id, "sweep_comparison.png", str(dst)))
@@ -155,6 +161,38 @@ def test_joblib_sweep_one_parent_four_finished_children(joblib_sweep: Path, tmp_
     for algo, row in table.set_index("algo").iterrows():
         means = [c.data.metrics["test/rmse"] for c in children if c.data.tags["algo"] == algo]
         assert row["mean"] == pytest.approx(sum(means) / 2)
+
+
+@pytest.mark.slow
+def test_sweep_parent_carries_swept_params_table_note_and_best_child(joblib_sweep: Path, tmp_path: Path) -> None:
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{joblib_sweep}/mlflow.db")
+    parent, children = _sweep(client, joblib_sweep)
+    assert parent.data.params == {"algo": "maml,global", "seed": "0,1"}  # the swept keys, as given
+    assert parent.data.tags["swept_keys"] == "algo,seed"
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "sweep_comparison.json",
+                                                      str(tmp_path))).read_text())
+    assert table["columns"][:3] == ["algo", "n_runs", "n_seeds"]
+    assert sorted(row[0] for row in table["data"]) == ["global", "maml"]
+    best = min(children, key=lambda c: c.data.metrics["test/rmse"])
+    assert parent.data.tags["best_run_id"] == best.info.run_id
+    assert parent.data.tags["best_run_name"] == best.info.run_name
+    assert parent.data.metrics["best/test/rmse"] == pytest.approx(best.data.metrics["test/rmse"])
+    note = parent.data.tags["mlflow.note.content"]
+    assert "| algo | n_runs | n_seeds | mean | ci95 |" in note and best.info.run_id in note
+    assert f"metarec compare --sweep {parent.info.run_id}" in note
+    # the terminal: one line per job (from the workers), the comparison and the hints at the end
+    stdout = (joblib_sweep / "sweep_stdout.txt").read_text()
+    assert "test metrics (mean over test users" not in stdout
+    jobs = sorted(line for line in stdout.splitlines() if line.startswith("job "))
+    assert [j.split(":")[0] for j in jobs] == [f"job {i} {n}" for i, n in enumerate(
+        ["maml-melu-toy-s0", "maml-melu-toy-s1", "global-melu-toy-s0", "global-melu-toy-s1"])], stdout
+    end = stdout[stdout.index("test/rmse (lower is better), 4 runs"):]
+    assert f"sweep parent run {parent.info.run_id}" in end and f"metarec compare --sweep {parent.info.run_id}" in end
+    assert f"best run: {best.info.run_name} ({best.info.run_id})" in end and "metarec ui" in end
 
 
 @pytest.mark.slow
@@ -216,7 +254,10 @@ def test_optuna_four_trials_under_one_parent(tmp_path: Path) -> None:
     best = min(c.data.metrics["val/best_rmse"] for c in children)
     assert result["best_value"] == pytest.approx(best)
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {
-        "sweep_comparison.png", "sweep_comparison.csv"}
+        "sweep_comparison.png", "sweep_comparison.csv", "sweep_comparison.json"}
+    # the search space is what this sweep varies: the parent's params
+    assert set(parent.data.params) == {"algo.inner_lr", "algo.meta_optimizer.lr", "algo.inner_steps"}
+    assert "interval" in parent.data.params["algo.inner_lr"]
 
 
 def _job_process_facts() -> tuple[int, bool]:

@@ -159,6 +159,28 @@ def test_artifacts_text_table_and_directory(store, client, tmp_path: Path) -> No
     assert artifact_uri.startswith(Path(store["artifacts"]).as_uri())
 
 
+def test_ui_table_dataset_input_and_params_of_another_run(store, client, tmp_path: Path) -> None:
+    """MLflow's own table artifact, a dataset input without data, params logged to a parent."""
+    parent = make_tracker(store).open_sweep_parent(tmp_path / "sweep", "sweep:t", params={"algo": "maml,global"})
+    assert client.get_run(parent.run_id).data.params == {"algo": "maml,global"}
+    tracker = make_tracker(store)
+    run_id = tracker.start({"a": 1})
+    tracker.log_params_to(parent.run_id, {"seed": "0,1"})
+    frame = pd.DataFrame({"metric": ["rmse", "mae"], "mean": [0.9, 0.7]})
+    tracker.log_ui_table(frame, "test_metrics.json")
+    tracker.log_dataset("toy", "ab" * 30, context="user_cold_start", source={"loader": "toy"},
+                        profile={"ratings": 10}, tags={"split_hash": "h1"})
+    tracker.finish()
+    run = client.get_run(run_id)
+    (entry,) = run.inputs.dataset_inputs
+    assert entry.dataset.name == "toy" and entry.dataset.digest == ("ab" * 30)[:36]  # the store's limit
+    assert json.loads(entry.dataset.profile) == {"ratings": 10} and entry.dataset.source_type == "code"
+    assert {t.key: t.value for t in entry.tags} == {"mlflow.data.context": "user_cold_start", "split_hash": "h1"}
+    table = json.loads(Path(client.download_artifacts(run_id, "test_metrics.json", str(tmp_path))).read_text())
+    assert table["columns"] == ["metric", "mean"] and table["data"] == [["rmse", 0.9], ["mae", 0.7]]
+    assert client.get_run(parent.run_id).data.params == {"algo": "maml,global", "seed": "0,1"}
+
+
 def test_finish_failed_and_twice(store, client) -> None:
     tracker = make_tracker(store)
     run_id = tracker.start({})
@@ -358,6 +380,8 @@ def test_null_tracker_does_nothing(tmp_path: Path) -> None:
     null.set_tags({"a": "b"})
     null.log_text("x", "x.txt")
     null.log_table(pd.DataFrame({"a": [1]}), "a.csv")
+    null.log_ui_table(pd.DataFrame({"a": [1]}), "a.json")
+    null.log_dataset("toy", "d", "ctx", {"loader": "x"})
     null.log_artifact(tmp_path)
     null.log_artifacts(tmp_path)
     assert null.open_sweep_parent(tmp_path, "sweep") is None

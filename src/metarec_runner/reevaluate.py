@@ -23,7 +23,7 @@ from metarec_runner.errors import ConfigError, MetarecError
 from metarec_runner.prepare import Prepared
 from metarec_runner.resume import ResumePoint, config_differences
 from metarec_runner.run import RunContext, compose, job_context
-from metarec_runner.run_outputs import evaluation_curves, print_results, run_tags
+from metarec_runner.run_outputs import evaluation_curves, log_test_summary, print_results, run_tags
 from metarec_runner.serve.locate import resolve_checkpoint
 from metarec_runner.tracking import flatten_config
 
@@ -94,8 +94,10 @@ def evaluate_saved(spec: str, overrides: list[str], tracking_uri: str | None = N
     _start_child(prep, cfg, ctx, parent_id, point.path)
     try:
         result = prep.evaluator.evaluate(prep.algo, prep.splits.test, "test", prep.device)
-        prep.tracker.log_metrics(result.summary, step=int(meta.get("best_epoch", 0)))
-        files = evaluation_curves(prep, prep.splits.test, ctx.output_dir, int(meta.get("best_epoch", 0)), console)
+        step = int(meta.get("best_epoch", 0))
+        files = log_test_summary(prep, result.summary, ctx.output_dir, step)
+        print_results(console, result.summary, [*prep.evaluator.metric_names, "floor_rmse"])
+        files += evaluation_curves(prep, prep.splits.test, ctx.output_dir, step, console)
         result.per_task.to_csv(ctx.output_dir / "per_task.csv", index=False)
         (ctx.output_dir / "metrics.json").write_text(json.dumps(result.summary, indent=2))
         (ctx.output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.to_container(cfg,
@@ -109,7 +111,6 @@ def evaluate_saved(spec: str, overrides: list[str], tracking_uri: str | None = N
     except BaseException:
         prep.tracker.finish("FAILED")
         raise
-    print_results(console, result.summary, [*prep.evaluator.metric_names, "floor_rmse"])
     console.print(f"re-evaluated {point.path} under protocol={prep.evaluator.protocol}  outputs: "
                   f"{ctx.output_dir}", highlight=False)
     if prep.tracker.run_id:

@@ -30,8 +30,9 @@ from metarec_runner.checkpoint import BEST, CheckpointSink
 from metarec_runner.errors import ConfigError, MetarecError, fail
 from metarec_runner.prepare import Prepared, build, validate  # noqa: F401  (re-exported: run.Prepared)
 from metarec_runner.resume import CHECKPOINT_ARTIFACTS, ResumePoint, check_fits, resolve
-from metarec_runner.run_outputs import print_results, start_tracking, write_outputs
+from metarec_runner.run_outputs import start_tracking, write_outputs
 from metarec_runner.runner import Runner
+from metarec_runner.tracking.layout import epoch_metrics
 from metarec_runner.utils import git_sha, versions
 
 
@@ -167,12 +168,11 @@ def train(cfg: DictConfig) -> TrainResult:
     except BaseException:
         prep.tracker.finish("FAILED")
         raise
-    if test is not None:
-        print_results(console, test.summary, [*prep.evaluator.metric_names, "floor_rmse"])
-    console.print(f"best epoch {fit.best_epoch}: {prep.trainer.monitor}={fit.best_value:.4f}  "
-                  f"outputs: {ctx.output_dir}", highlight=False)
-    if prep.tracker.run_id:
-        console.print(f"MLflow: {prep.tracker.run_url_hint}  (browse with `metarec ui`)", highlight=False)
+    if ctx.sweep_dir is None:  # a sweep's job prints its one summary line instead
+        console.print(f"best epoch {fit.best_epoch}: {prep.trainer.monitor}={fit.best_value:.4f}  "
+                      f"outputs: {ctx.output_dir}", highlight=False)
+        if prep.tracker.run_id:
+            console.print(f"MLflow: {prep.tracker.run_url_hint}  (browse with `metarec ui`)", highlight=False)
     best = ctx.output_dir / BEST
     return TrainResult(prep.tracker.run_id or None, ctx.output_dir, fit.best_epoch, float(fit.best_value),
                        test.summary if test is not None else None, best if best.is_file() else None)
@@ -239,7 +239,7 @@ def _relog_missing(tracker, history: list[dict]) -> None:
     for entry in history:
         epoch = int(entry["epoch"])
         if logged is None or epoch > logged:
-            tracker.log_metrics({k: v for k, v in entry.items() if k != "epoch"}, step=epoch)
+            tracker.log_metrics(epoch_metrics({k: v for k, v in entry.items() if k != "epoch"}), step=epoch)
     tracker.flush()
 
 

@@ -21,6 +21,10 @@ from metarec_runner.errors import ConfigError, TrainingError, require_choice, re
 from metarec_runner.evaluate.evaluator import EvalResult, QueryEvaluator
 from metarec_runner.evaluate.metric_specs import UnknownMetric, monitor_mode
 from metarec_runner.tasks.taskset import TaskSet
+from metarec_runner.tracking.layout import epoch_metrics
+
+DIVERGENCE_FACTOR = 30.0  # a loss this many times its value at the start of training: warn once
+_KNOBS = {"train/loss": "algo.meta_optimizer.lr", "train/inner_loss": "algo.inner_lr"}
 
 
 @dataclass
@@ -102,6 +106,7 @@ class Runner:
         self.generator = torch.Generator().manual_seed(seed)
         self.dtype = next(algo.model.parameters()).dtype
         self.console = console or Console(stderr=True)
+        self._first_step: dict[str, float] | None = None  # the losses of the run's first meta-batch
 
     def _improved(self, value: float, best: float) -> bool:
         if math.isnan(best):
@@ -125,6 +130,8 @@ class Runner:
                 )
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v
+            if self._first_step is None:  # the divergence warning's reference
+                self._first_step = {f"train/{k}": v for k, v in stats.items()}
             steps += 1
             progress.update(bar, advance=len(chunk))
         seconds = time.perf_counter() - start
@@ -162,6 +169,9 @@ class Runner:
                 return result
             self.console.print(f"resuming after epoch {resume.epoch} (best epoch {result.best_epoch}: "
                                f"{self.config.monitor}={result.best_value:.4f})", highlight=False)
+        self._print_header(train)
+        watch = _DivergenceWatch(result.history)
+        epoch_seconds: list[float] = []
         with Progress(
             TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
             MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
@@ -172,6 +182,7 @@ class Runner:
             for epoch in range(first_epoch, self.config.max_epochs + 1):
                 progress.reset(bar, total=len(train), epoch=epoch, epochs=self.config.max_epochs,
                                info=progress.tasks[0].fields.get("info", ""))
+                epoch_start = time.perf_counter()
                 metrics = self._train_epoch(train, epoch, progress, bar)
                 val_result = self.evaluator.evaluate(self.algo, val, "val", self.device)
                 metrics.update(val_result.summary)
@@ -198,21 +209,27 @@ class Runner:
                         "epoch": epoch, "best_epoch": result.best_epoch, "best_value": result.best_value,
                         "stale": stale, "history": result.history},
                         capture_rng({"runner": self, "algo": self.algo}), improved)
-                self.tracker.log_metrics(metrics, step=epoch)
+                self.tracker.log_metrics(epoch_metrics(metrics), step=epoch)
                 self.tracker.flush()
+                epoch_seconds.append(time.perf_counter() - epoch_start)
+                left = self.config.max_epochs - epoch
+                eta = f"  ETA {_duration(left * sum(epoch_seconds) / len(epoch_seconds))}" if left else ""
                 self.console.print(
                     f"epoch {epoch:>3}/{self.config.max_epochs}  train/loss={metrics['train/loss']:.4f}  "
                     f"{self.config.monitor}={value:.4f}{' *' if improved else '  '}  "
-                    f"{metrics['sys/train_tasks_per_sec']:.0f} tasks/s",
-                    highlight=False,
+                    f"{metrics['sys/train_tasks_per_sec']:.0f} tasks/s  {epoch_seconds[-1]:.1f} s/epoch{eta}",
+                    highlight=False, soft_wrap=True,
                 )
+                warning = watch.check(epoch, metrics, self._first_step)
+                if warning:
+                    self.console.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
                 progress.update(bar, info=f"{self.config.monitor}={value:.4f}")
                 if stale and stale >= max(self.config.patience, 1):
                     result.stopped_early = True
                     self.console.print(
                         f"early stop at epoch {epoch}: no {self.config.monitor} improvement for {stale} "
                         f"epochs (trainer.patience={self.config.patience}); best epoch {result.best_epoch}",
-                        highlight=False)
+                        highlight=False, soft_wrap=True)
                     break
         if best_state is not None:
             self.algo.load_state_dict(best_state)
@@ -242,7 +259,7 @@ class Runner:
         metrics = {"sys/fit_seconds": seconds}
         metrics.update(self.evaluator.evaluate(self.algo, val, "val", self.device).summary)
         value = metrics.get(self.config.monitor, math.nan)
-        self.tracker.log_metrics(metrics, step=0)
+        self.tracker.log_metrics(epoch_metrics(metrics), step=0)
         self.tracker.flush()
         shown = f"{self.config.monitor}={value:.4f}" if self.config.monitor in metrics else (
             f"{self.config.monitor} not defined for {type(self.algo).__name__}")
@@ -254,6 +271,59 @@ class Runner:
                 capture_rng({"runner": self, "algo": self.algo}), improved=True, last=False)
         return result
 
+    def _print_header(self, train: TaskSet) -> None:
+        """One line before the first epoch: the model's size and the shape of an epoch."""
+        params = list(self.algo.model.parameters())
+        total = sum(p.numel() for p in params)
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        extra = sum(p.numel() for v in vars(self.algo).values()  # learned step sizes (Meta-SGD)...
+                    if isinstance(v, torch.nn.Module) and v is not self.algo.model for p in v.parameters())
+        steps = math.ceil(len(train) / self.config.meta_batch_size)
+        self.console.print(
+            f"{type(self.algo).__name__} on {type(self.algo.model).__name__}: {total:,} parameters "
+            f"({trainable:,} trainable{f', +{extra:,} of the algorithm' if extra > 0 else ''}); "
+            f"up to {self.config.max_epochs} epochs of {steps} meta-batches ({len(train)} tasks, "
+            f"{self.config.meta_batch_size} a batch)", highlight=False, soft_wrap=True)
+
     def test(self, test: TaskSet) -> EvalResult:
         """Adapt on every test task's support set and score its query items."""
         return self.evaluator.evaluate(self.algo, test, "test", self.device)
+
+
+def _duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``1h02m``."""
+    seconds = max(int(round(seconds)), 0)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class _DivergenceWatch:
+    """Warns once when a training loss (an epoch's mean) grows past :data:`DIVERGENCE_FACTOR`
+    times its value at the start of training: the run's first meta-batch (the first epoch's
+    mean when resuming), naming the step size to lower."""
+
+    def __init__(self, history: list[dict[str, float]]) -> None:
+        self.first: dict[str, float] = {}
+        self.warned = False
+        for row in history[:1]:
+            self.first = {k: abs(float(row[k])) for k in _KNOBS if k in row}
+        self.what = "its first epoch's"
+
+    def check(self, epoch: int, metrics: dict[str, float], first_step: dict[str, float] | None = None) -> str | None:
+        """The warning to print after ``epoch`` (once per run), or None."""
+        if not self.first and first_step:
+            self.first = {k: abs(float(first_step[k])) for k in _KNOBS if k in first_step}
+            self.what = "its first step's"
+        if self.warned or not self.first:
+            return None
+        for key, knob in _KNOBS.items():
+            first, now = self.first.get(key), metrics.get(key)
+            if first is None or now is None or not first > 0 or abs(now) <= DIVERGENCE_FACTOR * first:
+                continue
+            self.warned = True
+            return (f"{key} is {abs(now) / first:.0f}x {self.what} ({first:.4g} -> {abs(now):.4g} at epoch "
+                    f"{epoch}): training is diverging; lower {knob} and run again")
+        return None

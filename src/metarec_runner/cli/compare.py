@@ -104,7 +104,18 @@ def one_seed_note(table) -> str:
 
 
 def _print_table(table, runs, note: str | None) -> None:
+    """The table on stdout (200 columns wide when piped)."""
     from rich.console import Console
+
+    console = Console(soft_wrap=True)
+    if not console.is_terminal:  # piped: do not squeeze the table into 80 columns
+        console = Console(soft_wrap=True, width=200)
+    print_compare_table(console, table, runs, note)
+
+
+def print_compare_table(console, table, runs, note: str | None) -> None:
+    """A comparison table (:func:`metarec_runner.report.compare.compare_table` or
+    ``shots_table``) on ``console``, with the notes that say what its intervals are."""
     from rich.table import Table
 
     metric, baseline = table.attrs["metric"], table.attrs["baseline"]
@@ -142,9 +153,6 @@ def _print_table(table, runs, note: str | None) -> None:
                     paired += f", {row['unpaired_runs']} runs not paired: other split"
                 cells += [f"{row['diff']:+.4f}", _fmt(row["diff_ci95"]), paired]
         out.add_row(*cells)
-    console = Console(soft_wrap=True)
-    if not console.is_terminal:  # piped: do not squeeze the table into 80 columns
-        console = Console(soft_wrap=True, width=200)
     console.print(out)
     notes = [("±95% CI over seeds: Student's t with n_seeds - 1 df over the distinct seeds' test "
               "means (a seed run twice counts once).")]

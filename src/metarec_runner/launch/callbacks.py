@@ -9,8 +9,15 @@ that failed before it could open its own run), KILLED when the sweep process end
 Hydra's ``on_multirun_end`` (Ctrl+C; Hydra also skips it after a failed job, hence ``atexit``).
 Jobs may run in other processes (joblib, Ray, SLURM): there ``on_job_end`` runs in the job's
 process, so a failed job also leaves a marker file in the sweep dir that the sweep process reads.
-At the end of a sweep the parent gets ``sweep_comparison.png`` and ``.csv``: the children's test
-metric (``trainer.monitor``'s) per swept setting, mean and 95% CI over seeds.
+The parent carries the swept keys as params (``algo: maml,global``); at the end of a sweep it
+gets ``sweep_comparison.png``, ``.csv`` and ``.json`` (MLflow's table): the children's test
+metric (``trainer.monitor``'s) per swept setting, mean and 95% CI over seeds, a markdown
+description and the best child (:mod:`metarec_runner.launch.sweep_report`); the sweep process
+prints that table, the parent run id and the commands to look further.
+
+Every job (single runs too) copies what it prints into ``metarec.log`` in its folder and logs
+it to its MLflow run (:mod:`metarec_runner.launch.joblog`); in a sweep each job ends with one
+line (its test headline, best epoch, run id) instead of its full test table.
 
 :class:`ThreadsPerJob` gives every job of a parallel local launcher (joblib, Ray) one torch
 thread (``threads=1`` as a sweep override, logged with the run), so jobs do not oversubscribe
@@ -21,18 +28,19 @@ from __future__ import annotations
 
 import atexit
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from metarec_runner.launch.sweep_report import COMPARISON_FILE, KSHOT_FILE  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
 FAILED_DIR = ".failed_jobs"  # in the sweep dir: one empty file per failed job (any process)
-COMPARISON_FILE = "sweep_comparison"  # .png and .csv, logged to the parent run
-KSHOT_FILE = "kshot_curve"  # the parent run's k-shot curve (sweeps with evaluator.shots)
 
 
 class MlflowSweepParent(Callback):
@@ -44,10 +52,23 @@ class MlflowSweepParent(Callback):
         self._failed_jobs = 0
         self._sweep_dir: Path | None = None
         self._monitor: str | None = None
+        self._overrides = ""
+        self._job_log = None  # the running job's JobLog (in the job's process)
+        self._job_start = 0.0
 
     def __getstate__(self) -> dict[str, Any]:
         """Parallel launchers pickle the callbacks into their workers: leave the client behind."""
-        return {**self.__dict__, "_tracker": None}
+        return {**self.__dict__, "_tracker": None, "_job_log": None}
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Copy the job's printed lines into ``metarec.log`` in its folder (:mod:`.joblog`)."""
+        from metarec_runner.launch.joblog import JobLog
+
+        self._job_start = time.perf_counter()
+        try:
+            self._job_log = JobLog(config.hydra.runtime.output_dir).install()
+        except OSError as err:  # a read-only folder: the job runs without its log file
+            log.warning("metarec.log not written: %s", err)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # lets ${hydra:...} in paths resolve here and in the launcher (hydra.sweep.dir reads
@@ -64,22 +85,49 @@ class MlflowSweepParent(Callback):
         self._monitor = str(config.get("trainer", {}).get("monitor", "val/rmse"))
         self._tracker = MlflowTracker(logger.tracking_uri, logger.experiment,
                                       artifact_location=logger.get("artifact_location"))
+        from metarec_runner.launch.sweep_report import swept_params
+
         overrides = " ".join(config.hydra.overrides.task)
+        self._overrides = overrides
+        space = config.hydra.sweeper.get("params")
+        swept = swept_params(list(config.hydra.overrides.task),
+                             OmegaConf.to_container(space, resolve=False) if space is not None else {})
         self._parent = self._tracker.open_sweep_parent(
             sweep_dir, run_name=f"sweep:{sweep_dir.name}",
-            tags={"sweep_overrides": overrides, "sweep_dir": str(sweep_dir)},
+            tags={"sweep_overrides": overrides, "sweep_dir": str(sweep_dir), "swept_keys": ",".join(swept)},
+            params=swept,
         )
         atexit.register(self._close_unended)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         from hydra.core.utils import JobStatus
+        from hydra.types import RunMode
 
-        if getattr(job_return, "status", None) == JobStatus.FAILED:
+        failed = getattr(job_return, "status", None) == JobStatus.FAILED
+        if failed:
             self._failed_jobs += 1
             if self._sweep_dir is not None:  # seen by the sweep process when this is a worker
                 marker = self._sweep_dir / FAILED_DIR / str(config.hydra.job.get("num", "x"))
                 marker.parent.mkdir(parents=True, exist_ok=True)
                 marker.touch()
+        try:
+            if config.hydra.mode == RunMode.MULTIRUN:  # one line per job (in the job's own process)
+                self._print_job_line(config, job_return, failed)
+        finally:
+            if self._job_log is not None:
+                self._job_log.close()  # after the job's line: it is in metarec.log too
+                self._job_log = None
+
+    def _print_job_line(self, config: DictConfig, job_return: Any, failed: bool) -> None:
+        from metarec_runner.launch.sweep_report import job_line
+
+        error = getattr(job_return, "_return_value", None) if failed else None  # return_value re-raises
+        if failed and not isinstance(error, BaseException):
+            error = RuntimeError("failed")
+        run = self._job_log.run if self._job_log is not None else None
+        print(job_line(config.hydra.job.get("num", "?"), str(OmegaConf.select(config, "run_name", default="")),
+                       Path(config.hydra.runtime.output_dir), error, time.perf_counter() - self._job_start,
+                       run[1] if run else None), flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._close(None)
@@ -101,29 +149,38 @@ class MlflowSweepParent(Callback):
         if status is None and self._any_failed():
             status = "FAILED"
         if status != "KILLED":
-            self._log_comparison(parent)
+            self._log_comparison(parent, failed=status == "FAILED" or self._any_failed())
         if status is None:
             self._tracker.close_sweep_parent(parent)  # FAILED if a child run failed, else FINISHED
         else:
             self._tracker.end_sweep_parent(parent, status)
 
-    def _log_comparison(self, parent: Any) -> None:
-        """Plot and log the children's comparison to the parent run; warn, never raise."""
+    def _log_comparison(self, parent: Any, failed: bool = False) -> None:
+        """Log the children's comparison to the parent run and print it with the parent run id
+        and what to run next; warn, never raise."""
         if self._sweep_dir is None:
             return
+        from metarec_runner.launch.sweep_report import print_sweep_end, report_sweep
+
+        report = None
         try:
-            path = log_sweep_comparison(parent.tracking_uri, parent.run_id, self._sweep_dir,
-                                        (self._monitor or "val/rmse").removeprefix("val/"))
-            if path is not None:
-                log.info("sweep comparison: %s", path)
+            report = report_sweep(parent.tracking_uri, parent.run_id, self._sweep_dir,
+                                  (self._monitor or "val/rmse").removeprefix("val/"), self._overrides)
+            if report is not None:
+                log.info("sweep comparison: %s", report.png)
         except Exception as err:  # noqa: BLE001 - a plot must never fail the sweep
             text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             log.warning("sweep comparison plot skipped: %s", text)
+        try:
+            print_sweep_end(report, parent.run_id, failed)
+        except Exception as err:  # noqa: BLE001 - the terminal summary must never fail the sweep
+            log.warning("sweep summary not printed: %s", err)
 
 
 def log_sweep_comparison(tracking_uri: str, parent_run_id: str, out_dir: str | Path,
                          metric: str = "rmse") -> Path | None:
-    """Compare a sweep's finished children and log ``sweep_comparison.{png,csv}`` to the parent.
+    """Compare a sweep's finished children and log the comparison to the parent
+    (:func:`metarec_runner.launch.sweep_report.report_sweep`).
 
     Children are grouped by the keys the sweep varied (``algo``, ``algo.inner_lr``...; ``algo``
     when none), seeds aggregated (:func:`metarec_runner.report.compare.compare_table`): the
@@ -135,31 +192,10 @@ def log_sweep_comparison(tracking_uri: str, parent_run_id: str, out_dir: str | P
     Returns:
         The PNG written into ``out_dir``, or None when no child finished.
     """
-    from mlflow.tracking import MlflowClient
+    from metarec_runner.launch.sweep_report import report_sweep
 
-    from metarec_runner.report.compare import compare_table, shots_table
-    from metarec_runner.report.plots import plot_comparison, plot_kshot_curve
-    from metarec_runner.report.store import available_metrics, collect_runs, swept_keys
-
-    runs = collect_runs(tracking_uri, parent_run_id=parent_run_id)
-    if runs.empty:
-        return None
-    if metric not in available_metrics(runs):
-        metric = "rmse"
-    table = compare_table(runs, metric, group_by=swept_keys(runs) or ["algo"])
-    out = Path(out_dir)
-    png = plot_comparison(table, out / f"{COMPARISON_FILE}.png", metric)
-    table.to_csv(out / f"{COMPARISON_FILE}.csv", index=False)
-    client = MlflowClient(tracking_uri)
-    client.log_artifact(parent_run_id, str(png))
-    client.log_artifact(parent_run_id, str(out / f"{COMPARISON_FILE}.csv"))
-    if any(c.startswith("test_k") and c.endswith(f"/{metric}") for c in runs.columns):
-        shots = shots_table(runs, metric, group_by=["algo"])  # the k-shot curve, per algo
-        curve = plot_kshot_curve(shots, out / f"{KSHOT_FILE}.png", metric)
-        shots.to_csv(out / f"{KSHOT_FILE}.csv", index=False)
-        client.log_artifact(parent_run_id, str(curve))
-        client.log_artifact(parent_run_id, str(out / f"{KSHOT_FILE}.csv"))
-    return png
+    report = report_sweep(tracking_uri, parent_run_id, out_dir, metric)
+    return report.png if report is not None else None
 
 
 class ThreadsPerJob(Callback):

@@ -192,22 +192,57 @@ def _shot_order(k: object) -> float:
     return float("inf") if k == ALL_SHOTS else float(k)
 
 
-def expand_shots(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """One row per (run, k): the runs' few-shot results (``test_k<k>/<metric>``) and their main
-    test pass (``k = "all"``) as if each were a run of its own, with a ``k`` column.
+def has_shots(runs: pd.DataFrame, metric: str | None = None) -> bool:
+    """Whether some run has few-shot results: ``test_k<k>/...`` metrics (``/<metric>`` when
+    given) or a non-empty ``evaluator.shots`` param (every metric at every k is then in its
+    ``few_shot_per_task.csv``)."""
+    suffix = f"/{_metric_name(metric)}" if metric else "/"
+    if any(c.startswith("test_k") and c.endswith(suffix) for c in runs.columns):
+        return True
+    return "params.evaluator.shots" in runs.columns and runs["params.evaluator.shots"].map(_lists_shots).any()
 
-    The row of shot ``k`` has ``run_id`` ``"<run id>@<k>"``, which :func:`shot_loader` reads
-    from the run's ``few_shot_per_task.csv``, so paired differences at each k pair the same
-    users at the same k.
+
+def _lists_shots(value: object) -> bool:
+    return isinstance(value, str) and value.strip() not in ("", "[]", "None", "null")
+
+
+def _shot_means(runs: pd.DataFrame, metric: str,
+                per_task: Callable[..., pd.DataFrame] | None) -> dict[int, pd.Series]:
+    """Each run's mean ``metric`` at every k: ``test_k<k>/<metric>`` where MLflow has it (the
+    headline metrics), else the mean over the run's users at k in its ``few_shot_per_task.csv``
+    (what the evaluator's summary is: the mean of the defined per-user values)."""
+    pattern = re.compile(rf"^test_k(\d+)/{re.escape(metric)}$")
+    shot_cols = {int(m[1]): c for c in runs.columns if (m := pattern.match(c))}
+    means: dict[int, dict[object, float]] = {}
+    for idx, run in runs.iterrows():
+        found = {k: float(run[c]) for k, c in shot_cols.items() if pd.notna(run[c])}
+        if not found and per_task is not None and _lists_shots(run.get("params.evaluator.shots")):
+            table = per_task(run["run_id"], FEW_SHOT_FILE)
+            if metric in table.columns and "shots" in table.columns:
+                found = {int(k): float(v) for k, v in table.groupby("shots")[metric].mean().items()
+                         if pd.notna(v)}
+        for k, v in found.items():
+            means.setdefault(k, {})[idx] = v
+    return {k: pd.Series(v) for k, v in means.items()}
+
+
+def expand_shots(runs: pd.DataFrame, metric: str,
+                 per_task: Callable[..., pd.DataFrame] | None = None) -> pd.DataFrame:
+    """One row per (run, k): the runs' few-shot results and their main test pass (``k =
+    "all"``) as if each were a run of its own, with a ``k`` column.
+
+    A run's value at k is its ``test_k<k>/<metric>`` (MLflow has the headline metrics), else
+    the mean over its users at k in its ``few_shot_per_task.csv``, read through ``per_task``
+    (``per_task(run_id, name)``; without it only the logged columns count). The row of shot
+    ``k`` has ``run_id`` ``"<run id>@<k>"``, which :func:`shot_loader` reads from the run's
+    ``few_shot_per_task.csv``, so paired differences at each k pair the same users at the same k.
     """
     metric = _metric_name(metric)
     col = f"test/{metric}"
-    pattern = re.compile(rf"^test_k(\d+)/{re.escape(metric)}$")
-    shot_cols = {int(m[1]): c for c in runs.columns if (m := pattern.match(c))}
     frames = []
-    for k, shot_col in sorted(shot_cols.items()):
-        part = runs[runs[shot_col].notna()].copy()
-        part[col] = part[shot_col]
+    for k, values in sorted(_shot_means(runs, metric, per_task).items()):
+        part = runs.loc[values.index].copy()
+        part[col] = values
         part["run_id"] = part["run_id"] + f"@{k}"
         part["k"] = str(k)
         frames.append(part)
@@ -239,9 +274,9 @@ def shots_table(runs: pd.DataFrame, metric: str, group_by: Sequence[str] = ("alg
     """:func:`compare_table` at every support size: one row per (k, group), ``k`` first (the
     evaluator's shots, then ``all``), best first within each k. The paired difference to
     ``baseline`` pairs each user at the same k."""
-    expanded = expand_shots(runs, metric)
     if per_task is None:
         per_task = PerTaskCache(runs.attrs.get("tracking_uri") or _default_uri(), cache_dir)
+    expanded = expand_shots(runs, metric, per_task)
     loader = shot_loader(per_task)
     tables = []
     for k in sorted(expanded["k"].unique(), key=_shot_order):  # baseline paired at the same k

@@ -29,7 +29,9 @@ SWEEP_PREFIX = "sweep:"
 CORE_TAGS = ("algo", "model", "dataset", "splitter", "split_hash", "protocol")
 PER_TASK_FILE = "per_task.csv"
 OVERRIDE_PREFIX = "override."  # collect_runs' columns of each job's own command-line overrides
-TEST_PREFIXES = ("test/", "test_k")  # the test pass and the few-shot re-tests (test_k<k>/...)
+# the MLflow layout (metarec_runner.tracking.layout): the test means, their intervals
+# (ci95/test/<m>), the headline references (ref/<scorer>/<m>), the curves' headline metrics
+TEST_PREFIXES = ("test/", "test_k", "test_steps", "ci95/", "ref/")
 AGGREGATED_KEYS = ("seed", "split_seed")  # swept keys aggregated over (CIs over seeds), never grouped by
 _OVERRIDE_START = re.compile(r" (?=[+~]{0,2}[\w./@-]+=)")  # where the next `key=` begins
 
@@ -98,7 +100,8 @@ def collect_runs(tracking_uri: str | None = None, experiment: str | None = None,
                  parent_run_id: str | None = None, status: str | None = "FINISHED") -> pd.DataFrame:
     """One row per run: ``run_id, run_name, experiment_id, parent_run_id, status, algo, model,
     dataset, splitter, split_hash, protocol, seed, split_seed``, every test metric
-    (``test/<metric>``, ``test/<metric>_ci95``), then ``tags.<key>`` and ``params.<key>`` for all
+    (``test/<metric>``, ``ci95/test/<metric>``, ``ref/<scorer>/<metric>``, ``test_k<k>/<metric>``),
+    then ``tags.<key>`` and ``params.<key>`` for all
     other tags and params, and ``override.<key>`` for each of the job's own command-line overrides
     (for grouping by any of them; :func:`swept_keys` finds the ones a sweep varied).
 
@@ -167,10 +170,11 @@ def collect_runs(tracking_uri: str | None = None, experiment: str | None = None,
 
 
 def available_metrics(runs: pd.DataFrame) -> list[str]:
-    """Test metric names some run has (``rmse``, ``mae``, ...), without the ``_ci*`` columns."""
+    """Test metric names some run has (``rmse``, ``mae``, ...): the ``test/<metric>`` columns
+    (without the ``_ci*`` and ``test/ref/`` columns of runs logged before ``ci95/`` and ``ref/``)."""
     return sorted(c[len("test/"):] for c in runs.columns
-                  if c.startswith("test/") and not c.endswith(("_ci95", "_ci_lo", "_ci_hi"))
-                  and runs[c].notna().any())
+                  if c.startswith("test/") and not c.startswith("test/ref/")
+                  and not c.endswith(("_ci95", "_ci_lo", "_ci_hi")) and runs[c].notna().any())
 
 
 def parse_overrides(text: str) -> dict[str, str]:

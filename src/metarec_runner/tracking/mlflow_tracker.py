@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from metarec_runner.errors import MetarecError
 from metarec_runner.tracking.flatten import flatten_config
 from metarec_runner.tracking.lifecycle import HEARTBEAT_TAG, Heartbeat, liveness_tags
+from metarec_runner.tracking.quiet import quiet_store_logs
 from metarec_runner.tracking.sqlite_store import RetryingClient, ensure_store
 
 if TYPE_CHECKING:
@@ -80,6 +81,7 @@ class MlflowTracker:
         if self._client_obj is None:
             from mlflow.tracking import MlflowClient
 
+            quiet_store_logs()
             ensure_store(self.tracking_uri)
             client = MlflowClient(tracking_uri=self.tracking_uri)
             self._client_obj = RetryingClient(client, self.tracking_uri)  # type: ignore[assignment]
@@ -252,6 +254,28 @@ class MlflowTracker:
         plain_index = isinstance(frame.index, pd.RangeIndex) and frame.index.name is None
         self.log_text(frame.to_csv(index=not plain_index), artifact_file)
 
+    def log_ui_table(self, frame: pd.DataFrame, artifact_file: str, run_id: str | None = None) -> None:
+        """Log ``frame`` as MLflow's own table artifact (``MlflowClient.log_table``: a JSON file
+        the UI shows as a table and compares across runs), to this run or ``run_id``."""
+        self._client.log_table(run_id or self._run(), frame.reset_index(drop=True), artifact_file)
+
+    def log_params_to(self, run_id: str, params: Mapping[str, Any]) -> None:
+        """Log ``params`` (strings, at most 6000 characters each) to another run, e.g. a sweep's
+        parent; a param is immutable, so each key is logged once."""
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self._client.log_batch(run_id, params=items[i:i + 100], synchronous=True)
+
+    def log_dataset(self, name: str, digest: str, context: str, source: Mapping[str, str],
+                    profile: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None) -> None:
+        """Record the run's input dataset (MLflow's Dataset column) without uploading any data
+        (:func:`metarec_runner.tracking.layout.dataset_input`)."""
+        from metarec_runner.tracking.layout import dataset_input
+
+        self._client.log_inputs(self._run(), datasets=[dataset_input(name, digest, context, source, profile, tags)])
+
     def finish(self, status: str = "FINISHED") -> None:
         """Flush, then end the run with ``status`` (FINISHED, FAILED or KILLED); idempotent."""
         if status not in STATUSES:
@@ -268,10 +292,14 @@ class MlflowTracker:
             self._end_run(self.run_id, status)
 
     def open_sweep_parent(self, sweep_dir: str | Path, run_name: str,
-                          tags: Mapping[str, str] | None = None) -> SweepParent:
-        """Create the sweep's parent run and record it in ``sweep_dir/mlflow_parent.json``."""
+                          tags: Mapping[str, str] | None = None,
+                          params: Mapping[str, Any] | None = None) -> SweepParent:
+        """Create the sweep's parent run (with ``tags`` and ``params``, e.g. the swept keys) and
+        record it in ``sweep_dir/mlflow_parent.json``."""
         experiment_id = self._ensure_experiment()
         run_id = self._create_run(experiment_id, dict(tags or {}), run_name)
+        if params:
+            self.log_params_to(run_id, params)
         parent = SweepParent(run_id, experiment_id, self.tracking_uri)
         path = Path(sweep_dir) / PARENT_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -342,6 +370,9 @@ class NullTracker:
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def log_table(self, frame: pd.DataFrame, artifact_file: str) -> None: ...
+    def log_ui_table(self, frame: pd.DataFrame, artifact_file: str, run_id: str | None = None) -> None: ...
+    def log_dataset(self, name: str, digest: str, context: str, source: Mapping[str, str],
+                    profile: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
     def close_sweep_parent(self, parent: SweepParent | None) -> None: ...
     def open_sweep_parent(self, sweep_dir: str | Path, run_name: str,
