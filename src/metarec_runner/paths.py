@@ -49,3 +49,21 @@ def group_options(group: str) -> list[str]:
     """Names of the YAML files in a config group folder (``algo`` -> ``["finetune", ...]``)."""
     folder = conf_dir() / group
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def discard_run_folder(folder: str | Path) -> None:
+    """Remove a run's folder after an error that stopped it before anything was tracked, and the
+    date folder (``runs/<date>``) and ``runs/`` above it when that leaves them empty: an error
+    before training writes nothing. A sweep's folder (``multiruns/<date>/<time>``) is kept while
+    other jobs may write to it."""
+    import shutil
+
+    folder = Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in (folder.parent, folder.parent.parent):
+        if parent.name == "multiruns" or parent.parent.name == "multiruns":
+            break
+        try:
+            parent.rmdir()  # only if empty
+        except OSError:
+            break

@@ -11,7 +11,6 @@ are scored under the new evaluator, and the results are logged into a child run 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from rich.console import Console
 
 from metarec_runner.checkpoint import CheckpointError, load_checkpoint
 from metarec_runner.errors import ConfigError, MetarecError
+from metarec_runner.paths import discard_run_folder
 from metarec_runner.prepare import Prepared
 from metarec_runner.resume import ResumePoint, config_differences
 from metarec_runner.run import RunContext, compose, job_context
@@ -88,7 +88,7 @@ def evaluate_saved(spec: str, overrides: list[str], tracking_uri: str | None = N
                                   "files changed since it was trained")
         prep.algo.load_state_dict(point.checkpoint.algo)
     except MetarecError:
-        shutil.rmtree(ctx.output_dir, ignore_errors=True)
+        discard_run_folder(ctx.output_dir)
         raise
     parent_id = point.run_id
     _start_child(prep, cfg, ctx, parent_id, point.path)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import math
-import shutil
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,6 +27,7 @@ from rich.console import Console
 
 from metarec_runner.checkpoint import BEST, CheckpointSink
 from metarec_runner.errors import ConfigError, MetarecError, fail
+from metarec_runner.paths import discard_run_folder
 from metarec_runner.prepare import Prepared, build, validate  # noqa: F401  (re-exported: run.Prepared)
 from metarec_runner.resume import CHECKPOINT_ARTIFACTS, ResumePoint, check_fits, resolve
 from metarec_runner.run_outputs import start_tracking, write_outputs
@@ -134,7 +134,7 @@ def train(cfg: DictConfig) -> TrainResult:
         prep = Prepared(cfg, ctx.overrides)
         point = _resume_point(cfg, prep)
     except MetarecError as err:
-        shutil.rmtree(ctx.output_dir, ignore_errors=True)  # nothing was tracked: no half-written run
+        discard_run_folder(ctx.output_dir)  # nothing was tracked: no half-written run
         err.exit_code = 2
         raise
     try:
@@ -142,7 +142,7 @@ def train(cfg: DictConfig) -> TrainResult:
     except MetarecError as err:
         if prep.tracker.run_id and point is None:  # created, then failed while logging params
             prep.tracker.finish("FAILED")
-        shutil.rmtree(ctx.output_dir, ignore_errors=True)
+        discard_run_folder(ctx.output_dir)
         err.exit_code = 2
         raise
     from metarec_runner.tracking.lifecycle import terminate_as_interrupt

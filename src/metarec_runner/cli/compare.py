@@ -62,11 +62,13 @@ def compare(
         _fail("--by needs at least one tag or param, e.g. --by algo")
     from metarec_runner.paths import default_tracking_uri
     from metarec_runner.report.compare import compare_table, shots_table
-    from metarec_runner.report.store import CompareError, collect_runs, swept_keys
+    from metarec_runner.report.store import CompareError, collect_runs, run_warnings, swept_keys
 
     uri = tracking_uri or default_tracking_uri()
     try:
         runs = collect_runs(uri, experiment=experiment, parent_run_id=sweep)
+        for line in run_warnings(runs, collect_runs(uri, experiment=experiment, parent_run_id=sweep, status=None)):
+            typer.echo(f"metarec: warning: {line}", err=True)
         if runs.empty:
             where = f"sweep {sweep}" if sweep else (f"experiment {experiment!r}" if experiment else uri)
             _fail(f"no finished runs in {where}")

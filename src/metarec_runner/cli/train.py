@@ -17,7 +17,6 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import shutil
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -30,7 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from metarec_runner.config.rules import check_config
 from metarec_runner.errors import MetarecError, fail
-from metarec_runner.paths import conf_dir
+from metarec_runner.paths import conf_dir, discard_run_folder
 
 
 def train_job(cfg: DictConfig) -> float:
@@ -41,7 +40,7 @@ def train_job(cfg: DictConfig) -> float:
         check_config(cfg, hc.overrides.task)
     except MetarecError as err:
         # nothing was built or tracked: remove the run folder Hydra created (no half-written run)
-        shutil.rmtree(hc.runtime.output_dir, ignore_errors=True)
+        discard_run_folder(hc.runtime.output_dir)
         fail(err, 2)
     from metarec_runner.run import train_task
 

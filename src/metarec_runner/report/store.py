@@ -249,3 +249,32 @@ class PerTaskCache:
                                        f"({str(e).strip().splitlines()[0] if str(e).strip() else e!r})") from None
             self._frames[key] = pd.read_csv(path)
         return self._frames[key]
+
+
+def run_warnings(finished: pd.DataFrame, every: pd.DataFrame) -> list[str]:
+    """What a reader of a comparison must know about the runs it left out or counts once.
+
+    Args:
+        finished: the FINISHED runs being compared (:func:`collect_runs`).
+        every: the same selection with any status (``collect_runs(..., status=None)``).
+
+    Returns:
+        One line per problem: runs not finished (still RUNNING, FAILED, KILLED), and groups of
+        runs identical in everything but their name (same params, split hash and seed), which
+        count as one seed.
+    """
+    lines = []
+    pending = every[every["status"] != "FINISHED"]
+    if len(pending):
+        counts = ", ".join(f"{n} {s}" for s, n in pending["status"].value_counts().sort_index().items())
+        lines.append(f"{len(pending)} of {len(every)} runs are not finished ({counts}) and are left out; "
+                     "compare again when the sweep has ended (`metarec runs clean` ends dead RUNNING runs)")
+    params = sorted(c for c in finished.columns if c.startswith("params.") and not c.endswith("run_name"))
+    if params and len(finished) > 1:
+        keys = finished[[*params, "split_hash", "seed"]].astype(str).agg("\x1f".join, axis=1)
+        for _, group in finished.groupby(keys):
+            if len(group) > 1:
+                names = ", ".join(sorted(group["run_name"].astype(str)))
+                lines.append(f"{len(group)} runs are identical in everything but their name ({names}): the same "
+                             "config, split and seed, counted as one seed")
+    return lines
