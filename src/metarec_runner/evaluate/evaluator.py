@@ -50,8 +50,9 @@ from metarec_runner.evaluate import references as R
 from metarec_runner.evaluate.candidates import PROTOCOLS, Candidates, Catalog, build_candidates
 from metarec_runner.evaluate.metric_specs import METRIC_SPECS
 from metarec_runner.evaluate.metrics import MetricSet, check_finite, rmse
+from metarec_runner.evaluate.ranked import KEEP_PREPARED, Part, Ranked, Streams
 from metarec_runner.evaluate.summary import CI_METHODS, TaskTable, by_support_size, summarize
-from metarec_runner.tasks.taskset import TaskBatch, TaskSet
+from metarec_runner.tasks.taskset import TaskSet
 
 __all__ = ["CI_METHODS", "METRICS", "PROTOCOLS", "EvalResult", "Evaluator", "QueryEvaluator"]
 
@@ -148,7 +149,7 @@ class Evaluator:
         self.catalog: Catalog | None = None
         self.rating_mean = 0.0
         self.item_counts: torch.Tensor | None = None  # [V] meta-train interactions per item
-        self._prepared: OrderedDict[tuple, tuple[weakref.ref, list[_Part]]] = OrderedDict()
+        self._prepared: OrderedDict[tuple, tuple[weakref.ref, list[Part]]] = OrderedDict()
 
     @property
     def protocol(self) -> str:
@@ -225,7 +226,7 @@ class Evaluator:
             raise ConfigError("splitter.ratios", f"the {split} split has no tasks; give it a larger share")
         algo.model.eval()
         dtype = next(algo.model.parameters()).dtype
-        streams = _Streams(self.seed)  # the same draws at every call
+        streams = Streams(self.seed)  # the same draws at every call
         references = self.references and split == "test"
         ratings = bool(getattr(algo, "predicts_ratings", True))
         table = TaskTable()
@@ -257,7 +258,7 @@ class Evaluator:
             summary.update(summarize(frame, columns, split, ci=self.ci, n_boot=self.n_boot, seed=self.seed))
         return EvalResult(frame, summary, by_support_size(frame, names))
 
-    def _ranking_metrics(self, ranked: _Ranked, trivial: torch.Tensor,
+    def _ranking_metrics(self, ranked: Ranked, trivial: torch.Tensor,
                          reference: torch.Generator | None) -> dict[str, torch.Tensor]:
         """The ranking metrics ``[B]`` of the scored candidates and, with a ``reference``
         generator, those of the reference scorers on the same candidates; NaN for ``trivial``
@@ -274,7 +275,7 @@ class Evaluator:
                                              self.rating_mean, popularity))
         return {name: v.masked_fill(trivial, float("nan")) for name, v in found.items()}
 
-    def _prepare(self, tasks: TaskSet, split: str, device: torch.device, dtype: torch.dtype) -> list[_Part]:
+    def _prepare(self, tasks: TaskSet, split: str, device: torch.device, dtype: torch.dtype) -> list[Part]:
         """The task set's batches with their candidates and relevance, built once per task set
         (and device and dtype) and reused at every later call: validation builds them at the
         first epoch only. The two most recent task sets are kept (validation and test)."""
@@ -284,7 +285,7 @@ class Evaluator:
             self._prepared.move_to_end(key)
             return hit[1]
         self.check_tasks(tasks, split)
-        streams = _Streams(self.seed)  # relevance and negatives: the draws of a fresh call
+        streams = Streams(self.seed)  # relevance and negatives: the draws of a fresh call
         parts = []
         for start in range(0, len(tasks), self.batch_size):
             idx = torch.arange(start, min(start + self.batch_size, len(tasks)))
@@ -299,25 +300,25 @@ class Evaluator:
                     streams.negatives, cpu_batch.support_x[..., -1], cpu_batch.support_mask,
                 )
             expected = tasks.query_expected_batch(idx)
-            parts.append(_Part(tasks.task_ids[idx], batch, relevant, cands,
+            parts.append(Part(tasks.task_ids[idx], batch, relevant, cands,
                                None if expected is None else expected.to(device, dtype)))
         self._prepared[key] = (weakref.ref(tasks), parts)
-        while len(self._prepared) > _KEEP_PREPARED:
+        while len(self._prepared) > KEEP_PREPARED:
             self._prepared.popitem(last=False)
         return parts
 
-    def _rank(self, scorer, part: _Part, pred_q: torch.Tensor, streams: _Streams) -> _Ranked:
+    def _rank(self, scorer, part: Part, pred_q: torch.Tensor, streams: Streams) -> Ranked:
         """The batch's candidates and their scores, in the seeded random order that breaks ties
         among scores. Under ``query_only`` the candidates are the query items (scored already:
         ``pred_q``); else they come from the catalog and are scored here."""
         batch = part.batch
         if part.candidates is None:
-            ranked = _Ranked(pred_q, batch.query_y, batch.query_mask, part.relevant, batch.query_mask,
+            ranked = Ranked(pred_q, batch.query_y, batch.query_mask, part.relevant, batch.query_mask,
                              batch.query_x[..., -1])
         else:
             cands = part.candidates
             device, dtype = batch.query_y.device, batch.query_y.dtype
-            ranked = _Ranked(self._score_candidates(scorer, cands, device, dtype),
+            ranked = Ranked(self._score_candidates(scorer, cands, device, dtype),
                              cands.target.to(device, dtype), cands.mask.to(device),
                              cands.relevant.to(device), cands.is_query.to(device), cands.items.to(device))
         check_finite(ranked.pred, ranked.mask)
@@ -333,65 +334,6 @@ class Evaluator:
             stop = min(start + width, c)
             parts.append(scorer.predict(cands.rows(self.catalog, start, stop).to(device)).to(dtype))
         return torch.cat(parts, 1)
-
-
-class _Streams:
-    """The random sources of one evaluation call, seeded afresh at every call (CPU generators:
-    the same draws on every device, at every call)."""
-
-    def __init__(self, seed: int) -> None:
-        self.relevance = torch.Generator().manual_seed(seed)  # tie_break="random" among true ratings
-        self.reference = torch.Generator().manual_seed(seed + 1)  # the random reference scorer
-        self.negatives = torch.Generator().manual_seed(seed + 2)  # protocol=sampled's negatives
-        self.order = torch.Generator().manual_seed(seed + 3)  # the candidates' order: score ties
-
-
-@dataclass(frozen=True)
-class _Part:
-    """One batch of a task set as every evaluation call reads it, built once (:meth:`Evaluator._prepare`).
-
-    Attributes:
-        users: ``[B]`` task (user) ids; batch: the padded tasks on the model's device and dtype.
-        relevant: ``Bool[B, Q]`` relevance of the query items under the evaluator's rule.
-        candidates: the full-ranking protocol's candidates (CPU), ``None`` under ``query_only``.
-        expected: ``[B, Q]`` Bayes-optimal query predictions, when the data knows them.
-    """
-
-    users: torch.Tensor
-    batch: TaskBatch
-    relevant: torch.Tensor
-    candidates: Candidates | None
-    expected: torch.Tensor | None
-
-
-_KEEP_PREPARED = 2
-"""Task sets whose prepared batches an evaluator keeps (validation and test)."""
-
-
-@dataclass(frozen=True)
-class _Ranked:
-    """One batch's scored candidates ``[B, C]`` each (on the model's device); ``items`` are
-    their item codes."""
-
-    pred: torch.Tensor
-    target: torch.Tensor
-    mask: torch.Tensor
-    relevant: torch.Tensor
-    is_query: torch.Tensor
-    items: torch.Tensor
-
-    def shuffled(self, generator: torch.Generator) -> _Ranked:
-        """The same seeded random permutation of every task's candidates applied to each column.
-
-        The metrics sort stably, so after this shuffle ties among scores fall in a random order
-        instead of the candidates' position (which under full ranking is the item id order). The
-        permutation comes from ``generator`` (CPU), so it is the same on every device and, with
-        the generator seeded per evaluation call, at every call.
-        """
-        keys = torch.rand(self.pred.shape, generator=generator, dtype=torch.float64)
-        order = keys.argsort(dim=-1).to(self.pred.device)
-        return _Ranked(*(c.gather(-1, order) for c in (self.pred, self.target, self.mask,
-                                                        self.relevant, self.is_query, self.items)))
 
 
 QueryEvaluator = Evaluator
