@@ -211,7 +211,7 @@ def test_shots_of_a_metric_mlflow_does_not_hold_come_from_the_per_user_tables():
 def test_print_compare_table_on_any_console():
     from rich.console import Console
 
-    from metarec_runner.cli.compare import print_compare_table
+    from metarec_runner.report.tables import print_compare_table
 
     runs = _hand_runs()
     console = Console(record=True, width=200)

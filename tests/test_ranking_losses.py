@@ -20,13 +20,13 @@ from metarec_runner.algos.baselines import Finetune, GlobalModel
 from metarec_runner.algos.maml import MAML
 from metarec_runner.algos.metasgd import MetaSGD
 from metarec_runner.algos.metric import MatchingNet, ProtoNet
+from metarec_runner.algos.negatives import NegativeSampler
 from metarec_runner.algos.ranking_loss import RankingObjective, ranking_loss
 from metarec_runner.algos.reptile import Reptile
 from metarec_runner.config.rules import check_config
 from metarec_runner.errors import ConfigError, TrainingError
 from metarec_runner.evaluate.candidates import Catalog
 from metarec_runner.models.preference import PreferenceEstimator
-from metarec_runner.tasks.negatives import NegativeSampler
 from metarec_runner.tasks.taskset import TaskSet
 from tests.helpers import SMALL_SCHEMA, compose, quiet_runner, tiny_model
 

@@ -20,8 +20,8 @@ import torch
 import metarec_runner
 from metarec_runner.checkpoint import FORMAT, CheckpointError, load_checkpoint
 from metarec_runner.serve.recommender import Recommender
+from metarec_runner.serve.support import batch_from_ratings
 from metarec_runner.serve.vocab import ServeError
-from metarec_runner.tasks.taskset import TaskBatch
 from tests.helpers import free_port, stop_group, tracked_run, wait_until_answers
 
 FEATURES = {"age_group": "2", "region": "1", "price_sensitivity": "0"}  # every toy user field: one pseudo-user
@@ -116,9 +116,9 @@ def test_missing_user_features_are_averaged_over_seeded_pseudo_users(rec):
     np.testing.assert_array_equal(user.catalog_scores(), again.catalog_scores())
 
 
-def test_taskbatch_from_support_builds_the_rows_from_the_saved_vocabulary(trained):
+def test_batch_from_ratings_builds_the_rows_from_the_saved_vocabulary(trained):
     ckpt = load_checkpoint(trained["best"])
-    batch = TaskBatch.from_support(pd.DataFrame({"item": ["3", "7", "nope"], "rating": [4, 2, 5]}),
+    batch = batch_from_ratings(pd.DataFrame({"item": ["3", "7", "nope"], "rating": [4, 2, 5]}),
                                    ckpt.meta["vocabulary"], ckpt.item_rows, {"age_group": 4, "region": "5"})
     vocab = metarec_runner.serve.Vocabulary(ckpt.meta["vocabulary"])
     k = batch.size

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from metarec_runner.launch.joblog import LOG_FILE, JobLog
 from metarec_runner.runner import _DivergenceWatch, _duration
+from metarec_runner.tracking.joblog import LOG_FILE, JobLog
 from tests.helpers import METAREC, metarec_env
 
 TINY = ["dataset.n_users=120", "dataset.n_items=80", "trainer.max_epochs=3", "trainer.progress=false"]

@@ -22,8 +22,14 @@ from metarec_runner.errors import ConfigError, MetarecError
 from metarec_runner.paths import discard_run_folder
 from metarec_runner.prepare import Prepared
 from metarec_runner.resume import ResumePoint, config_differences
-from metarec_runner.run import RunContext, compose, job_context
-from metarec_runner.run_outputs import evaluation_curves, log_test_summary, print_results, run_tags
+from metarec_runner.run import compose, job_context
+from metarec_runner.run_outputs import (
+    RunContext,
+    evaluation_curves,
+    log_test_summary,
+    print_results,
+    run_tags,
+)
 from metarec_runner.serve.locate import resolve_checkpoint
 from metarec_runner.tracking import flatten_config
 

@@ -21,7 +21,6 @@ from datetime import datetime
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 
@@ -30,28 +29,10 @@ from metarec_runner.errors import ConfigError, MetarecError, fail
 from metarec_runner.paths import discard_run_folder
 from metarec_runner.prepare import Prepared, build, validate  # noqa: F401  (re-exported: run.Prepared)
 from metarec_runner.resume import CHECKPOINT_ARTIFACTS, ResumePoint, check_fits, resolve
-from metarec_runner.run_outputs import start_tracking, write_outputs
+from metarec_runner.run_outputs import RunContext, start_tracking, write_outputs
 from metarec_runner.runner import Runner
 from metarec_runner.tracking.layout import epoch_metrics
 from metarec_runner.utils import git_sha, versions
-
-
-@dataclass(frozen=True)
-class RunContext:
-    """What Hydra knows about this job: its folder, the group choices, the command line."""
-
-    output_dir: Path
-    choices: dict[str, str]
-    overrides: tuple[str, ...]
-    sweep_dir: Path | None  # the sweep's folder in a multirun, else None
-
-    @classmethod
-    def current(cls) -> RunContext:
-        hc = HydraConfig.get()
-        multirun = hc.mode == RunMode.MULTIRUN
-        return cls(output_dir=Path(hc.runtime.output_dir),
-                   choices={k: str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra")},
-                   overrides=tuple(hc.overrides.task), sweep_dir=Path(hc.sweep.dir) if multirun else None)
 
 
 @dataclass(frozen=True)

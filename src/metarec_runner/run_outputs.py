@@ -4,10 +4,13 @@ on the terminal. Used by :func:`metarec_runner.run.train`."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
@@ -19,8 +22,25 @@ from metarec_runner.utils import git_sha, versions
 if TYPE_CHECKING:
     from metarec_runner.prepare import Prepared
     from metarec_runner.resume import ResumePoint
-    from metarec_runner.run import RunContext
     from metarec_runner.runner import FitResult
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What Hydra knows about this job: its folder, the group choices, the command line."""
+
+    output_dir: Path
+    choices: dict[str, str]
+    overrides: tuple[str, ...]
+    sweep_dir: Path | None  # the sweep's folder in a multirun, else None
+
+    @classmethod
+    def current(cls) -> RunContext:
+        hc = HydraConfig.get()
+        multirun = hc.mode == RunMode.MULTIRUN
+        return cls(output_dir=Path(hc.runtime.output_dir),
+                   choices={k: str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra")},
+                   overrides=tuple(hc.overrides.task), sweep_dir=Path(hc.sweep.dir) if multirun else None)
 
 
 def run_tags(prep: Prepared, ctx: RunContext, path_tags: dict[str, str] | None = None) -> dict[str, str]:
@@ -71,7 +91,7 @@ def log_dataset(prep: Prepared, cfg: DictConfig, ctx: RunContext) -> None:
 def start_tracking(prep: Prepared, cfg: DictConfig, ctx: RunContext, point: ResumePoint | None) -> None:
     """Open the run (a sweep's child when in a multirun) and log the params and the dataset,
     once; or, resuming a tracked run, reopen that run (same id) and leave its params as they are."""
-    from metarec_runner.launch.joblog import bind_run
+    from metarec_runner.tracking.joblog import bind_run
 
     tracker = prep.tracker
     try:
@@ -101,9 +121,6 @@ class PrintedSummary(dict):
 
 def in_sweep() -> bool:
     """Whether this is a job of a Hydra multirun (one line per job, no per-job tables)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 

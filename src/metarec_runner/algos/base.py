@@ -23,6 +23,7 @@ from metarec_runner.algos.inner_loop import (
     check_touched_rows,
     choose_inner_loop,
 )
+from metarec_runner.algos.negatives import NegativeSampler
 from metarec_runner.algos.ranking_loss import RankingObjective, ranking_objective
 from metarec_runner.algos.support_groups import _min_padding_cuts, split_by_support_size
 from metarec_runner.errors import (
@@ -31,7 +32,6 @@ from metarec_runner.errors import (
     require_non_negative,
     require_positive,
 )
-from metarec_runner.tasks.negatives import NegativeSampler
 from metarec_runner.tasks.taskset import TaskBatch, TaskSet
 
 if TYPE_CHECKING:

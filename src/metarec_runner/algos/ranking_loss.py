@@ -2,7 +2,7 @@
 
 Per task ``b`` with positives ``P_b`` (real rows rated ``>= positive_threshold``; every real row
 with ``null``, for implicit data) and sampled negatives ``N_b`` (items the user never interacted
-with, :mod:`metarec_runner.tasks.negatives`), :func:`ranking_loss` is
+with, :mod:`metarec_runner.algos.negatives`), :func:`ranking_loss` is
 
 - ``bpr`` (Rendle et al. UAI 2009): the mean over pairs ``(p, n)`` of ``-log sigmoid(s_p - s_n)``;
 - ``bce``: binary cross-entropy of the positives as 1 and the negatives as 0 (scores are
@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from metarec_runner.algos.negatives import NEGATIVES, Negatives, NegativeSampler
 from metarec_runner.errors import ConfigError, TrainingError, require_choice, require_positive
-from metarec_runner.tasks.negatives import NEGATIVES, Negatives, NegativeSampler
 from metarec_runner.tasks.taskset import TaskBatch
 
 RANKING_LOSSES = ("bce", "bpr", "softmax")
@@ -140,13 +140,13 @@ class RankingObjective:
 
     Args:
         kind: the loss (:data:`RANKING_LOSSES`).
-        negatives: the proposal (``uniform`` | ``popularity``, :data:`~metarec_runner.tasks.negatives.NEGATIVES`).
+        negatives: the proposal (``uniform`` | ``popularity``, :data:`~metarec_runner.algos.negatives.NEGATIVES`).
         n_negatives: negatives per task, drawn afresh for the support and for the query of every step.
         positive_threshold: ratings ``>=`` this are positives; None = every real row.
         seed: seeds the training draws; adaptation draws are seeded by ``seed`` and the tasks.
 
     Attributes:
-        sampler: the :class:`~metarec_runner.tasks.negatives.NegativeSampler`, bound once the
+        sampler: the :class:`~metarec_runner.algos.negatives.NegativeSampler`, bound once the
             catalog is known (:meth:`bind`).
     """
 

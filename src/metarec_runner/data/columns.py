@@ -8,7 +8,8 @@ returned and its :class:`~metarec_runner.data.tabular.SourceFile`, so errors can
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -16,8 +17,14 @@ import pandas as pd
 from metarec_runner.data.encode import show
 from metarec_runner.errors import DataError
 
-if TYPE_CHECKING:
-    from metarec_runner.data.tabular import SourceFile
+
+class SourceFile(Protocol):
+    """What the column checks need of a file as read (:class:`metarec_runner.data.tabular.SourceFile`):
+    its path, and where a data row is (``"<path> line N: '<text>'"``)."""
+
+    path: Path
+
+    def where(self, row: int) -> str: ...
 
 SHOWN_BAD_VALUES = 3  # bad values quoted by a whole-column error
 

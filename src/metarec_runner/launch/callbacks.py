@@ -16,7 +16,7 @@ description and the best child (:mod:`metarec_runner.launch.sweep_report`); the 
 prints that table, the parent run id and the commands to look further.
 
 Every job (single runs too) copies what it prints into ``metarec.log`` in its folder and logs
-it to its MLflow run (:mod:`metarec_runner.launch.joblog`); in a sweep each job ends with one
+it to its MLflow run (:mod:`metarec_runner.tracking.joblog`); in a sweep each job ends with one
 line (its test headline, best epoch, run id) instead of its full test table.
 
 :class:`ThreadsPerJob` gives every job of a parallel local launcher (joblib, Ray) one torch
@@ -62,7 +62,7 @@ class MlflowSweepParent(Callback):
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Copy the job's printed lines into ``metarec.log`` in its folder (:mod:`.joblog`)."""
-        from metarec_runner.launch.joblog import JobLog
+        from metarec_runner.tracking.joblog import JobLog
 
         self._job_start = time.perf_counter()
         try:

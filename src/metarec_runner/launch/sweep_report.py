@@ -158,7 +158,7 @@ def print_sweep_end(report: SweepReport | None, parent_run_id: str, failed: bool
     if not console.is_terminal:
         console = Console(soft_wrap=True, width=200)
     if report is not None:
-        from metarec_runner.cli.compare import print_compare_table
+        from metarec_runner.report.tables import print_compare_table
 
         print_compare_table(console, report.table, report.runs, None)
         if report.best_run_id:

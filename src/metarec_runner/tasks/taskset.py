@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -39,16 +38,6 @@ class TaskBatch:
     @property
     def size(self) -> int:
         return int(self.task_index.shape[0])
-
-    @classmethod
-    def from_support(cls, ratings: Any, vocabulary: Any, item_rows: Tensor,
-                     user_features: dict[str, Any] | None = None) -> TaskBatch:
-        """A new user's raw ratings (``item,rating`` rows) as a batch, encoded with a checkpoint's
-        saved ``vocabulary`` and ``item_rows [V, C]``; an empty query. One task, or one per
-        pseudo-user when user features are marginalised (see ``metarec_runner.serve.support``)."""
-        from metarec_runner.serve.support import batch_from_ratings
-
-        return batch_from_ratings(ratings, vocabulary, item_rows, user_features)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TaskBatch:
         """Move to ``device``; ``dtype`` (if given) applies to the rating tensors."""
