@@ -20,7 +20,8 @@ def test_unfinished_runs_are_reported_with_their_status():
 
 
 def test_runs_identical_but_for_their_name_are_reported_and_distinct_ones_are_not():
-    base = {"status": "FINISHED", "split_hash": "h1", "seed": 0, "params.algo": "maml", "params.inner_lr": "0.1"}
+    base = {"status": "FINISHED", "split_hash": "h1", "seed": 0, "params.algo": "maml", "params.inner_lr": "0.1",
+            "params.only_some": float("nan")}  # a param some runs lack: NaN in the table
     finished = _runs([{**base, "run_name": "x", "params.run_name": "x"},
                       {**base, "run_name": "y", "params.run_name": "y"},
                       {**base, "run_name": "z", "params.run_name": "z", "seed": 1}])

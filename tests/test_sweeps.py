@@ -113,9 +113,9 @@ def test_optuna_preset_composes() -> None:
 
 @pytest.fixture(scope="module")
 def joblib_sweep(tmp_path_factory) -> Path:
-    """A 4-job joblib sweep (maml, global x seeds 0, 1) into one sqlite store."""
+    """A 4-job joblib sweep (maml, global x seeds 0, 1), 4 at once (n_jobs=4), into one sqlite store."""
     out = tmp_path_factory.mktemp("joblib") / "outputs"
-    res = _metarec(out, "train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+    res = _metarec(out, "train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4",
                    "+algo=maml,global", "seed=0,1", *TINY)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "JoblibLauncher: threads=1 per job" in res.stdout + res.stderr
@@ -192,7 +192,7 @@ def test_sweep_parent_carries_swept_params_table_note_and_best_child(joblib_swee
         ["maml-melu-toy-s0", "maml-melu-toy-s1", "global-melu-toy-s0", "global-melu-toy-s1"])], stdout
     end = stdout[stdout.index("test/rmse (lower is better), 4 runs"):]
     assert f"sweep parent run {parent.info.run_id}" in end and f"metarec compare --sweep {parent.info.run_id}" in end
-    assert f"best run: {best.info.run_name} ({best.info.run_id})" in end and "metarec ui" in end
+    assert f": {best.info.run_name} ({best.info.run_id})" in end and "highest test/" in end and "metarec ui" in end
 
 
 @pytest.mark.slow

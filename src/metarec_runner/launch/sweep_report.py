@@ -139,7 +139,8 @@ def report_sweep(tracking_uri: str, parent_run_id: str, out_dir: str | Path, met
         f"**Sweep** `metarec train -m {overrides}`: {len(runs)} finished runs, test/{metric} per "
         f"{', '.join(group_by)} (mean over distinct seeds, 95% Student-t interval over them).",
         _markdown(table, [c for c in columns if c in table.columns]),
-        f"Best run: `{best_name}` (`{best_id}`), test/{metric} = {best_value:.4f}." if best_id else "",
+        f"Highest test/{metric}: `{best_name}` (`{best_id}`), {best_value:.4f} (a report of the test users, "
+        "not a model selection: select on validation)." if best_id else "",
         f"Compare: `metarec compare --sweep {parent_run_id}`; browse: `metarec ui`."]))
     tags = {"mlflow.note.content": note}
     if best_id:
@@ -162,8 +163,9 @@ def print_sweep_end(report: SweepReport | None, parent_run_id: str, failed: bool
 
         print_compare_table(console, report.table, report.runs, None)
         if report.best_run_id:
-            console.print(f"best run: {report.best_run_name} ({report.best_run_id}), "
-                          f"test/{report.metric}={report.best_value:.4f}", highlight=False)
+            console.print(f"highest test/{report.metric}: {report.best_run_name} ({report.best_run_id}), "
+                          f"{report.best_value:.4f} (a report of the test users, not a model selection: "
+                          "select on validation)", highlight=False)
     console.print(f"sweep parent run {parent_run_id}{' (FAILED: a job failed)' if failed else ''}",
                   highlight=False)
     console.print(f"compare: metarec compare --sweep {parent_run_id}    browse: metarec ui", highlight=False)

@@ -271,7 +271,7 @@ def run_warnings(finished: pd.DataFrame, every: pd.DataFrame) -> list[str]:
                      "compare again when the sweep has ended (`metarec runs clean` ends dead RUNNING runs)")
     params = sorted(c for c in finished.columns if c.startswith("params.") and not c.endswith("run_name"))
     if params and len(finished) > 1:
-        keys = finished[[*params, "split_hash", "seed"]].astype(str).agg("\x1f".join, axis=1)
+        keys = finished[[*params, "split_hash", "seed"]].map(str).agg("\x1f".join, axis=1)
         for _, group in finished.groupby(keys):
             if len(group) > 1:
                 names = ", ".join(sorted(group["run_name"].astype(str)))
