@@ -28,3 +28,8 @@ def test_runs_identical_but_for_their_name_are_reported_and_distinct_ones_are_no
     [line] = run_warnings(finished, finished)
     assert line.startswith("2 runs are identical in everything but their name (x, y)")
     assert run_warnings(finished.iloc[1:], finished.iloc[1:]) == []
+
+
+def test_no_runs_at_all_gives_no_warning():
+    empty = pd.DataFrame()
+    assert run_warnings(empty, empty) == []

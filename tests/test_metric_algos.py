@@ -145,7 +145,7 @@ def test_incompatible_pairs_raise_one_line_naming_both():
     with pytest.raises(ConfigError) as err:
         build("algo", cfg.algo, model=model)
     assert str(err.value) == ("algo.model: algo protonet needs a model with item embeddings; model linear "
-                              "has none; use model=fm, gru, melu, mf or mlp")
+                              "has none; use model=fm, gru, melu, mf, mlp or two_tower")
     cfg = compose("logger=none", "+algo=maml", "model=gru")
     model = build("model", cfg.model, schema=SMALL_SCHEMA, rating_mean=3.0)
     with pytest.raises(ConfigError, match=r"^algo\.model: algo maml/fomaml/melu needs a model that scores rows "

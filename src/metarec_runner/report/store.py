@@ -263,7 +263,9 @@ def run_warnings(finished: pd.DataFrame, every: pd.DataFrame) -> list[str]:
         runs identical in everything but their name (same params, split hash and seed), which
         count as one seed.
     """
-    lines = []
+    lines: list[str] = []
+    if every.empty or "status" not in every.columns:
+        return lines
     pending = every[every["status"] != "FINISHED"]
     if len(pending):
         counts = ", ".join(f"{n} {s}" for s, n in pending["status"].value_counts().sort_index().items())
