@@ -303,7 +303,8 @@ def test_rest_server_answers_invocations(trained, rec, pyfunc_uri, tmp_path):
     if shutil.which("uvicorn", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("mlflow models serve needs uvicorn in this environment")
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": trained["uri"]}
+    bin_dir = str(Path(sys.executable).parent)  # mlflow starts `uvicorn` from PATH: the venv's, also when not activated
+    env = {**os.environ, "MLFLOW_TRACKING_URI": trained["uri"], "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", pyfunc_uri, "--env-manager",
                              "local", "-h", "127.0.0.1", "-p", str(port), "--workers", "1"],
