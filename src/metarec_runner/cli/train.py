@@ -53,10 +53,72 @@ def _lines(text: str) -> list[str]:
     return [line.strip() for line in str(text).splitlines() if line.strip()]
 
 
+# The Hydra plugins behind metarec's optional extras: the config a plugin registers (a prefix of
+# the group path Hydra could not load) and the distribution that registers it. Which extra of
+# metarec-runner installs that distribution is read from the installed package's metadata.
+PLUGIN_CONFIGS: dict[str, tuple[str, str]] = {
+    "hydra/launcher/ray": ("hydra-ray-launcher", "the Ray launcher"),
+    "hydra/launcher/submitit": ("hydra-submitit-launcher", "the submitit (SLURM) launcher"),
+    "hydra/sweeper/optuna": ("hydra-optuna-sweeper", "the Optuna sweeper"),
+    "hydra/sweeper/sampler": ("hydra-optuna-sweeper", "the Optuna sweeper"),
+}
+
+
+def extra_providing(distribution: str, package: str = "metarec-runner") -> str | None:
+    """The smallest optional extra of ``package`` that requires ``distribution`` (``"ray"``
+    for ``hydra-ray-launcher``), from the installed metadata; None when no extra names it."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        requirements = requires(package) or []
+    except PackageNotFoundError:
+        return None
+    members: dict[str, set[str]] = {}
+    for line in requirements:
+        spec, _, marker = line.partition(";")
+        found = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", marker)
+        name = re.split(r"[\s<>=!~\[;(]", spec.strip(), maxsplit=1)[0].lower().replace("_", "-")
+        if found:
+            members.setdefault(found[1], set()).add(name)
+    having = [extra for extra, names in members.items() if distribution in names]
+    return min(having, key=lambda extra: (len(members[extra]), extra)) if having else None
+
+
+def missing_plugin_line(missing_config: str) -> str | None:
+    """One line for a config that only an uninstalled Hydra plugin provides, naming the plugin
+    and the pip command that installs it; None when ``missing_config`` is no plugin's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for prefix, (distribution, title) in PLUGIN_CONFIGS.items():
+        if not missing_config.startswith(prefix):
+            continue
+        try:
+            installed = version(distribution)
+        except PackageNotFoundError:
+            installed = None
+        chosen = [arg for arg in sys.argv[1:]
+                  if arg.lstrip("+~").split("=", 1)[0] in ("hydra/launcher", "hydra/sweeper",
+                                                           "hparams_search")]
+        what = f"{' '.join(chosen)} needs" if chosen else f"{missing_config!r} comes from"
+        if installed:
+            module = "hydra_plugins." + distribution.replace("-", "_")
+            return (f"{what} {title} ({distribution} {installed} is installed, but Hydra did not "
+                    f"register its configs); run python -c 'import {module}' to see why")
+        extra = extra_providing(distribution)
+        install = (f'pip install "metarec-runner[{extra}]"' if extra
+                   else f"pip install {distribution}")
+        return (f"{what} {title} ({distribution}), which is not installed; install it with "
+                f"{install}")
+    return None
+
+
 def hydra_error_line(ex: BaseException) -> str:
     """One line naming the key for one of Hydra's composition errors."""
     cause = ex.__cause__
     if isinstance(ex, MissingConfigException) and ex.missing_cfg_file:
+        plugin_line = missing_plugin_line(str(ex.missing_cfg_file))
+        if plugin_line:
+            return plugin_line
         group, _, option = str(ex.missing_cfg_file).rpartition("/")
         key = group.replace("/", ".") if group else option
         options = list(ex.options or [])
