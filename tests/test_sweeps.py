@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -120,6 +121,7 @@ def joblib_sweep(tmp_path_factory) -> Path:
     assert res.returncode == 0, res.stderr[-3000:]
     assert "JoblibLauncher: threads=1 per job" in res.stdout + res.stderr
     (out / "sweep_stdout.txt").write_text(res.stdout)
+    (out / "sweep_stderr.txt").write_text(res.stderr)
     return out
 
 
@@ -192,7 +194,8 @@ def test_sweep_parent_carries_swept_params_table_note_and_best_child(joblib_swee
         ["maml-melu-toy-s0", "maml-melu-toy-s1", "global-melu-toy-s0", "global-melu-toy-s1"])], stdout
     end = stdout[stdout.index("test/rmse (lower is better), 4 runs"):]
     assert f"sweep parent run {parent.info.run_id}" in end and f"metarec compare --sweep {parent.info.run_id}" in end
-    assert f": {best.info.run_name} ({best.info.run_id})" in end and "highest test/" in end and "metarec ui" in end
+    assert f"best test/rmse (lowest): {best.info.run_name} ({best.info.run_id})" in end
+    assert "metarec ui" in end
 
 
 @pytest.mark.slow
@@ -211,6 +214,24 @@ def test_compare_whole_sweep_by_parent_id(joblib_sweep: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert "grouped by the swept keys (algo), aggregated over seeds" in res.stdout
     assert "Δ vs global" in res.stdout
+
+
+@pytest.mark.slow
+def test_parallel_jobs_prefix_their_terminal_lines(joblib_sweep: Path) -> None:
+    """Jobs running side by side print to one terminal: each of their lines starts with its job
+    number, the one-line job summary needs none, and metarec.log keeps the lines unprefixed."""
+    stdout = (joblib_sweep / "sweep_stdout.txt").read_text().splitlines()
+    stderr = (joblib_sweep / "sweep_stderr.txt").read_text().splitlines()  # progress goes there
+    epoch_lines = [line for line in stderr if re.search(r"epoch\s+1/1", line)]
+    assert len(epoch_lines) == 4
+    assert sorted(re.match(r"\[job (\d)\] epoch", line)[1] for line in epoch_lines) == ["0", "1", "2", "3"]
+    summaries = [line for line in stdout if re.match(r"job \d ", line)]
+    assert sorted(line[4] for line in summaries) == ["0", "1", "2", "3"]
+    for job_dir in joblib_sweep.glob("multiruns/*/*/[0-3]_*"):
+        num = job_dir.name.split("_", 1)[0]
+        logged = (job_dir / "metarec.log").read_text()
+        assert re.search(r"\] epoch\s+1/1", logged) and "[job " not in logged
+        assert f"job {num} " in logged
 
 
 @pytest.mark.slow

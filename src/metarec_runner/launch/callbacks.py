@@ -27,6 +27,7 @@ the cores.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -41,6 +42,22 @@ from metarec_runner.launch.sweep_report import COMPARISON_FILE, KSHOT_FILE  # no
 log = logging.getLogger(__name__)
 
 FAILED_DIR = ".failed_jobs"  # in the sweep dir: one empty file per failed job (any process)
+
+
+def shares_terminal(config: DictConfig) -> bool:
+    """Whether this job prints to a terminal that other jobs of the sweep print to at the same
+    time: a multirun on the joblib launcher with more than one worker, or on local Ray (SLURM and
+    submitit jobs write to files of their own; the basic launcher runs one job at a time)."""
+    from hydra.types import RunMode
+
+    hydra_cfg = config.get("hydra")
+    if hydra_cfg is None or hydra_cfg.get("mode") != RunMode.MULTIRUN:
+        return False
+    launcher = hydra_cfg.get("launcher") or {}
+    target = str(launcher.get("_target_", ""))
+    if target.endswith("JoblibLauncher"):
+        return launcher.get("n_jobs", -1) != 1
+    return target.endswith("RayLauncher")
 
 
 class MlflowSweepParent(Callback):
@@ -65,8 +82,9 @@ class MlflowSweepParent(Callback):
         from metarec_runner.tracking.joblog import JobLog
 
         self._job_start = time.perf_counter()
+        prefix = f"[job {config.hydra.job.get('num', '?')}] " if shares_terminal(config) else ""
         try:
-            self._job_log = JobLog(config.hydra.runtime.output_dir).install()
+            self._job_log = JobLog(config.hydra.runtime.output_dir, terminal_prefix=prefix).install()
         except OSError as err:  # a read-only folder: the job runs without its log file
             log.warning("metarec.log not written: %s", err)
 
@@ -125,9 +143,10 @@ class MlflowSweepParent(Callback):
         if failed and not isinstance(error, BaseException):
             error = RuntimeError("failed")
         run = self._job_log.run if self._job_log is not None else None
-        print(job_line(config.hydra.job.get("num", "?"), str(OmegaConf.select(config, "run_name", default="")),
-                       Path(config.hydra.runtime.output_dir), error, time.perf_counter() - self._job_start,
-                       run[1] if run else None), flush=True)
+        with self._job_log.unprefixed() if self._job_log is not None else contextlib.nullcontext():
+            print(job_line(config.hydra.job.get("num", "?"), str(OmegaConf.select(config, "run_name", default="")),
+                           Path(config.hydra.runtime.output_dir), error, time.perf_counter() - self._job_start,
+                           run[1] if run else None), flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._close(None)

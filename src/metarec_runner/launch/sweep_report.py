@@ -139,7 +139,8 @@ def report_sweep(tracking_uri: str, parent_run_id: str, out_dir: str | Path, met
         f"**Sweep** `metarec train -m {overrides}`: {len(runs)} finished runs, test/{metric} per "
         f"{', '.join(group_by)} (mean over distinct seeds, 95% Student-t interval over them).",
         _markdown(table, [c for c in columns if c in table.columns]),
-        f"Highest test/{metric}: `{best_name}` (`{best_id}`), {best_value:.4f} (a report of the test users, "
+        f"Best test/{metric} ({'lowest' if lower_is_better(metric) else 'highest'}): `{best_name}` "
+        f"(`{best_id}`), {best_value:.4f} (a report of the test users, "
         "not a model selection: select on validation)." if best_id else "",
         f"Compare: `metarec compare --sweep {parent_run_id}`; browse: `metarec ui`."]))
     tags = {"mlflow.note.content": note}
@@ -163,7 +164,10 @@ def print_sweep_end(report: SweepReport | None, parent_run_id: str, failed: bool
 
         print_compare_table(console, report.table, report.runs, None)
         if report.best_run_id:
-            console.print(f"highest test/{report.metric}: {report.best_run_name} ({report.best_run_id}), "
+            from metarec_runner.evaluate.metric_specs import lower_is_better
+
+            which = "lowest" if lower_is_better(report.metric) else "highest"
+            console.print(f"best test/{report.metric} ({which}): {report.best_run_name} ({report.best_run_id}), "
                           f"{report.best_value:.4f} (a report of the test users, not a model selection: "
                           "select on validation)", highlight=False)
     console.print(f"sweep parent run {parent_run_id}{' (FAILED: a job failed)' if failed else ''}",

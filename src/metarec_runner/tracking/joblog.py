@@ -12,10 +12,12 @@ the log is uploaded to.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import re
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -27,17 +29,41 @@ _RESETS = frozenset("AKJ")  # cursor up, erase in line, erase in display: the li
 _active: JobLog | None = None
 
 
-class _Tee:
-    """A text stream that writes through to ``stream`` and logs every completed line."""
+_LINE_ENDS = re.compile(r"(\r\n|\r|\n)")
 
-    def __init__(self, stream: TextIO, logger: logging.Logger) -> None:
-        self._stream, self._logger = stream, logger
+
+class _Tee:
+    """A text stream that writes through to ``stream`` and logs every completed line.
+
+    With a ``prefix`` (``"[job 3] "``), every line written to the terminal starts with it, also
+    after a carriage return, so the lines of jobs running side by side can be told apart; the
+    log file gets the lines without it.
+    """
+
+    def __init__(self, stream: TextIO, logger: logging.Logger, prefix: str = "") -> None:
+        self._stream, self._logger, self.prefix = stream, logger, prefix
         self._line: list[str] = []
         self._lock = threading.RLock()
         self._feeding = False  # a write from inside logging (its own error report) is not fed back
+        self._at_line_start = True
+
+    def _prefixed(self, text: str) -> str:
+        parts: list[str] = []
+        for piece in _LINE_ENDS.split(text):
+            if not piece:
+                continue
+            if _LINE_ENDS.fullmatch(piece):
+                self._at_line_start = True
+            elif self._at_line_start:
+                parts.append(self.prefix)
+                self._at_line_start = False
+            parts.append(piece)
+        return "".join(parts)
 
     def write(self, text: str) -> int:
-        written = self._stream.write(text)
+        with self._lock:
+            self._stream.write(self._prefixed(text) if self.prefix else text)
+        written = len(text)
         with self._lock:
             if not self._feeding:
                 self._feeding = True
@@ -71,8 +97,11 @@ class _Tee:
 class JobLog:
     """Copies a job's printed lines into ``<run folder>/metarec.log`` while installed."""
 
-    def __init__(self, out_dir: str | Path) -> None:
+    def __init__(self, out_dir: str | Path, terminal_prefix: str = "") -> None:
+        """``terminal_prefix`` starts every line this job prints to the terminal (``"[job 3] "``
+        for jobs that share it with others); ``metarec.log`` gets the lines without it."""
         self.path = Path(out_dir) / LOG_FILE
+        self.terminal_prefix = terminal_prefix
         self.run: tuple[str, str] | None = None  # (tracking uri, run id) to upload to
         self._logger = logging.getLogger(f"{LOGGER}.{id(self)}")
         self._logger.propagate = False  # not to Hydra's console handler: the line is on screen already
@@ -88,10 +117,25 @@ class JobLog:
         self._handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
         self._logger.addHandler(self._handler)
         self._streams = (sys.stdout, sys.stderr)
-        sys.stdout, sys.stderr = _Tee(sys.stdout, self._logger), _Tee(sys.stderr, self._logger)  # type: ignore[assignment]
+        sys.stdout = _Tee(sys.stdout, self._logger, self.terminal_prefix)  # type: ignore[assignment]
+        sys.stderr = _Tee(sys.stderr, self._logger, self.terminal_prefix)  # type: ignore[assignment]
         _active = self
         atexit.register(self.close)  # a single run that fails exits without Hydra's on_job_end
         return self
+
+    @contextlib.contextmanager
+    def unprefixed(self) -> Iterator[None]:
+        """Lines printed inside go to the terminal without the prefix (the job's own summary
+        line, which starts with its number already)."""
+        tees = [stream for stream in (sys.stdout, sys.stderr) if isinstance(stream, _Tee)]
+        saved = [tee.prefix for tee in tees]
+        for tee in tees:
+            tee.prefix = ""
+        try:
+            yield
+        finally:
+            for tee, prefix in zip(tees, saved, strict=True):
+                tee.prefix = prefix
 
     def close(self) -> Path | None:
         """Stop copying, close the file and upload it to the bound MLflow run (never raises).
