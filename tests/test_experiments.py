@@ -36,3 +36,14 @@ def test_recbole_metarec_preset_reproduces_the_peer_counts(monkeypatch, tmp_path
         assert (part.query_sizes == 10).all()
         assert part.support_sizes.min() >= 3 and part.support_sizes.max() <= 90
     assert "user_id" not in prep.model.fields and "item_id" not in prep.model.fields
+
+
+@pytest.mark.parametrize("experiment, threshold", [("coldstart_ml100k", 4.0), ("coldstart_mlsmall", 4.0),
+                                                   ("coldstart_lastfm", 1.0)])
+@pytest.mark.parametrize("preset", ["maml", "global", "finetune", "set_ranker"])
+def test_ranking_positives_follow_the_study_relevance(experiment, threshold, preset):
+    """The ranking losses train on what the study counts as relevant: 4 and 5 stars on MovieLens,
+    every listened artist on Last.fm's 0/1 data (a threshold of 4 there would leave no positive)."""
+    cfg = compose(f"experiment={experiment}", f"+coldstart={preset}", "logger=none")
+    assert cfg.evaluator.relevance_threshold == threshold
+    assert cfg.algo.positive_threshold == threshold
