@@ -4,13 +4,14 @@ Trains a 2-job sweep (maml and popularity on the toy catalog) into a fresh store
 `metarec ui` on 127.0.0.1, and loads two pages in headless Chromium:
 
 - the runs table at the URL `metarec ui` prints: it must open in machine-learning mode ("Model
-  training") and show the sweep's parent run with its 2 children (3 matching runs);
+  training"), show the sweep's parent run with its 2 children (3 matching runs), and have the
+  `algo` param and the headline metric `test/ndcg_at_10` as columns (metarec's shared view,
+  `tracking/ui_views.py`: MLflow 3's own default table has neither);
+- the "latest sweep" URL it prints: only the sweep's 2 children, one group row per algo;
 - the maml child's page: its params must show `algo`, its metrics the headline `test/ndcg_at_10`,
   and its inputs the dataset (logged with `mlflow.log_input`).
 
-MLflow 3's runs table shows no param or metric column until the reader picks them under
-"Columns" (a per-browser view state the store cannot set), so the param and the metric are read
-on the run page. Screenshots of both pages are saved. Usage::
+Screenshots of the three pages are saved. Usage::
 
     python scripts/check_ui_browser.py [OUT_DIR]      # exit 0 when every check holds; needs chromium
 
@@ -72,25 +73,37 @@ def check(out: Path) -> list[str]:
                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
     failed: list[str] = []
     try:
-        url = None
+        urls: dict[str, str] = {}
         deadline = time.monotonic() + 240
-        while url is None and time.monotonic() < deadline:
+        while "(Ctrl+C to stop)" not in urls and time.monotonic() < deadline:
             line = ui.stdout.readline()
             if not line:
                 break
-            if line.startswith("runs table: "):
-                url = line.split("runs table: ", 1)[1].strip()
-        if url is None:
+            what, sep, url = line.strip().partition(": http")
+            urls[what if sep else line.strip()] = "http" + url
+        if "runs table" not in urls:
             return ["metarec ui printed no runs-table URL"]
-        runs = _render(chrome, url, out / "runs_table.png")
-        runs = " ".join(re.sub(r"<[^>]+>", " ", runs).split())  # the visible text
-        for needle, what in (("Model registry", "machine-learning mode's navigation"),
-                             ("sweep:", "the sweep's parent run"),
-                             ("3 matching runs", "the parent and its 2 children")):
-            if needle not in runs:
-                failed.append(f"runs table: {what} ({needle!r}) not shown")
-        if "Evaluation runs" in runs:  # the GenAI mode's navigation
-            failed.append("runs table: opened in GenAI mode")
+        if "latest sweep" not in urls:
+            failed.append("metarec ui printed no 'latest sweep' URL")
+        pages = {"runs table": ("runs_table.png", (
+            ("Model registry", "machine-learning mode's navigation"),
+            ("sweep:", "the sweep's parent run"),
+            ("3 matching runs", "the parent and its 2 children"),
+            (">algo<", "the algo param's column"),
+            (">test/ndcg_at_10<", "the headline metric's column")))}
+        if "latest sweep" in urls:
+            pages["latest sweep"] = ("sweep_view.png", (
+                ("2 matching runs", "the sweep's 2 children only"),
+                ("Group: maml", "maml's group row"), ("Group: popularity", "popularity's group row"),
+                (">test/ndcg_at_10<", "the headline metric's column")))
+        for what, (shot, needles) in pages.items():
+            dom = _render(chrome, urls[what], out / shot)
+            text = " ".join(re.sub(r"<[^>]+>", " ", dom).split())  # the visible text
+            for needle, meaning in needles:
+                if needle not in (dom if needle.startswith(">") else text):
+                    failed.append(f"{what}: {meaning} ({needle!r}) not shown")
+            if "Evaluation runs" in text:  # the GenAI mode's navigation
+                failed.append(f"{what}: opened in GenAI mode")
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(f"sqlite:///{out / 'outputs' / 'mlflow.db'}")
@@ -120,7 +133,8 @@ def main() -> int:
     failed = check(out)
     for line in failed:
         print(f"FAILED: {line}")
-    print(f"screenshots: {out / 'runs_table.png'}, {out / 'run_page.png'}" if not failed else "")
+    shots = ", ".join(str(out / name) for name in ("runs_table.png", "sweep_view.png", "run_page.png"))
+    print(f"screenshots: {shots}" if not failed else "")
     return 1 if failed else 0
 
 

@@ -328,3 +328,29 @@ def test_sweep_without_tracking_runs_every_job(tmp_path: Path) -> None:
     jobs = sorted(p.name for p in (out / "multiruns").glob("*/*/*") if p.is_dir())
     assert [j.split("_")[0] for j in jobs] == ["0", "1"]
     assert not (out / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_leaves_its_view_in_the_ui(joblib_sweep: Path) -> None:
+    """The sweep's shared view (tracking/ui_views.py): its children, grouped by algo, test/rmse
+    best first; the experiment names it as its newest, and the sweep's last lines point to it."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from metarec_runner.tracking import ui_views
+
+    client = MlflowClient(f"sqlite:///{joblib_sweep}/mlflow.db")
+    parent, children = _sweep(client, joblib_sweep)
+    tags = client.get_experiment(parent.info.experiment_id).tags
+    key = tags[ui_views.LATEST_SWEEP_TAG]
+    assert key == f"metarec-sweep-{parent.info.run_id}"
+    view = json.loads(tags[ui_views.SHARED_VIEW_TAG + key])
+    assert view["searchFilter"] == f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    found = client.search_runs([parent.info.experiment_id], view["searchFilter"].replace("`", ""))
+    assert sorted(r.info.run_id for r in found) == sorted(c.info.run_id for c in children)
+    assert view["groupBy"]["groupByKeys"] == [{"mode": "param", "groupByData": "algo"}]
+    assert view["orderByKey"] == "metrics.`test/rmse`" and view["orderByAsc"] is True
+    assert {"params.`algo`", "params.`seed`", "metrics.`test/rmse`"} <= set(view["selectedColumns"])
+    stdout = (joblib_sweep / "sweep_stdout.txt").read_text()
+    assert ui_views.view_path(parent.info.experiment_id, key) in stdout

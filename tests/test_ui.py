@@ -108,18 +108,27 @@ def _lines(stream, out: queue.Queue) -> None:
 def test_ui_prints_the_runs_table_once_it_answers_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    exp = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").create_experiment("newest")
+    from metarec_runner.tracking import ui_views
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.create_experiment("newest")
+    ui_views.ensure_runs_view(client, exp, {})  # as a metarec run and a sweep write them
+    ui_views.write_sweep_view(client, exp, "0123abcd", ["algo", "seed"], "rmse", True)
     port = free_port()
     proc, lines = start_ui(tmp_path, port)
-    seen, url = [], None
+    seen, urls = [], {}
     try:
-        while url is None:
+        while "latest sweep" not in urls:
             line = lines.get(timeout=240)  # bounded: a cold start takes 10-30 s
-            assert line is not None, "metarec ui ended before printing the URL:\n" + "".join(seen)
+            assert line is not None, "metarec ui ended before printing the URLs:\n" + "".join(seen)
             seen.append(line)
-            if line.startswith("runs table: "):
-                url = line.split(": ", 1)[1].strip()
-        assert url == f"http://127.0.0.1:{port}/#/experiments/{exp}/runs?workflowType=machine_learning"
+            for what in ("runs table", "latest sweep"):
+                if line.startswith(f"{what}: "):
+                    urls[what] = line.split(": ", 1)[1].strip()
+        url = urls["runs table"]
+        base = f"http://127.0.0.1:{port}/#/experiments/{exp}/runs?viewStateShareKey="
+        assert url == base + "metarec-runs&workflowType=machine_learning"
+        assert urls["latest sweep"] == base + "metarec-sweep-0123abcd&workflowType=machine_learning"
         # printed only after the server answered: its health check is logged before the URL
         assert any("GET /health" in s and "200" in s for s in seen), "".join(seen)
         with urllib.request.urlopen(url, timeout=30) as resp:  # the fragment stays client-side

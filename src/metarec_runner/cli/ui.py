@@ -24,9 +24,6 @@ from typing import Any
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 180.0  # a cold start (imports, database migrations) takes 10-30 s
 _POLL_S = 0.5
-WORKFLOW = "workflowType=machine_learning"
-"""The MLflow 3 UI's query parameter for the experiment page's mode (its js bundle reads
-``workflowType``, ``genai`` or ``machine_learning``): the runs table, not the GenAI views."""
 _QUIET = "ignore:starlette.middleware.wsgi is deprecated:UserWarning"
 """A ``PYTHONWARNINGS`` filter for the StarletteDeprecationWarning (a UserWarning) that MLflow's
 FastAPI app triggers on import."""
@@ -90,9 +87,14 @@ def wait_until_ready(proc: subprocess.Popen, port: int, timeout: float = READY_T
                   f"check the store URI and the messages above")
 
 
-def runs_url(port: int) -> str:
-    """The runs table of the most recently updated experiment, in machine-learning mode (the
-    experiment list when the server lists none), asked of the running server itself."""
+def runs_urls(port: int) -> dict[str, str]:
+    """What ``metarec ui`` prints: ``{"runs table": url}``, the most recently updated
+    experiment's runs table in machine-learning mode, opening its ``metarec-runs`` view (algo,
+    model, dataset, seeds and headline metrics as columns) when it has one, plus ``"latest
+    sweep"``, the view of its newest sweep, when one was written (:mod:`..tracking.ui_views`).
+    Asked of the running server itself; the experiment list when it lists none."""
+    from metarec_runner.tracking import ui_views
+
     base = f"http://{HOST}:{port}"
     body = json.dumps({"max_results": 1, "order_by": ["last_update_time DESC"]}).encode()
     request = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search", data=body,
@@ -103,8 +105,16 @@ def runs_url(port: int) -> str:
     except (urllib.error.URLError, OSError, ValueError):
         found = []
     if not found:
-        return f"{base}/#/experiments"
-    return f"{base}/#/experiments/{found[0]['experiment_id']}/runs?{WORKFLOW}"
+        return {"runs table": f"{base}/#/experiments"}
+    experiment_id = found[0]["experiment_id"]
+    tags = {t.get("key"): t.get("value") for t in found[0].get("tags") or []}
+    has_runs_view = ui_views.SHARED_VIEW_TAG + ui_views.RUNS_VIEW in tags
+    urls = {"runs table": f"{base}/" + ui_views.view_path(
+        experiment_id, ui_views.RUNS_VIEW if has_runs_view else None)}
+    sweep = tags.get(ui_views.LATEST_SWEEP_TAG)
+    if sweep and ui_views.SHARED_VIEW_TAG + sweep in tags:
+        urls["latest sweep"] = f"{base}/" + ui_views.view_path(experiment_id, sweep)
+    return urls
 
 
 class _Forwarder:
@@ -152,7 +162,8 @@ def serve(uri: str, port: int, echo: Any, timeout: float = READY_TIMEOUT_S) -> i
             if forward.received:  # stopped by Ctrl+C or kill while starting: nothing to report
                 return 128 + forward.received[0]
             raise
-        echo(f"MLflow UI for {uri}\nruns table: {runs_url(port)}\n(Ctrl+C to stop)")
+        links = "\n".join(f"{what}: {url}" for what, url in runs_urls(port).items())
+        echo(f"MLflow UI for {uri}\n{links}\n(Ctrl+C to stop)")
         code = proc.wait()
     finally:
         if proc is not None:

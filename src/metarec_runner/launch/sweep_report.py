@@ -9,11 +9,14 @@ light imports are at module level (no torch, pandas or MLflow).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 COMPARISON_FILE = "sweep_comparison"  # .png, .csv and .json (MLflow's table), logged to the parent run
 KSHOT_FILE = "kshot_curve"  # the parent run's k-shot curve (sweeps with evaluator.shots)
@@ -78,6 +81,7 @@ class SweepReport:
     best_run_name: str | None
     best_value: float
     note: str
+    view: str | None = None  # the UI route of the sweep's shared view (tracking/ui_views.py)
 
 
 def _markdown(table, columns: Sequence[str]) -> str:
@@ -149,7 +153,27 @@ def report_sweep(tracking_uri: str, parent_run_id: str, out_dir: str | Path, met
         client.log_metric(parent_run_id, f"{BEST_METRIC_PREFIX}test/{metric}", best_value)
     for key, value in tags.items():
         client.set_tag(parent_run_id, key, value)
-    return SweepReport(table, runs, metric, png, best_id, best_name, best_value, note)
+    view = _write_sweep_view(client, parent_run_id, group_by, runs, metric)
+    return SweepReport(table, runs, metric, png, best_id, best_name, best_value, note, view)
+
+
+def _write_sweep_view(client: Any, parent_run_id: str, group_by: Sequence[str], runs: Any,
+                      metric: str) -> str | None:
+    """The sweep's shared view in the MLflow UI (its children grouped by ``group_by``, the seeds
+    and ``test/<metric>`` as columns); its route, or None when the store refused it."""
+    from metarec_runner.evaluate.metric_specs import lower_is_better
+    from metarec_runner.report.store import AGGREGATED_KEYS, OVERRIDE_PREFIX
+    from metarec_runner.tracking import ui_views
+
+    seeds = [key for key in AGGREGATED_KEYS if OVERRIDE_PREFIX + key in runs.columns]
+    try:
+        experiment_id = client.get_run(parent_run_id).info.experiment_id
+        key = ui_views.write_sweep_view(client, experiment_id, parent_run_id, [*group_by, *seeds],
+                                        metric, lower_is_better(metric))
+    except Exception as err:  # noqa: BLE001 - a convenience of the UI; the comparison is logged
+        log.warning("MLflow UI view of the sweep not written: %s", err)
+        return None
+    return ui_views.view_path(experiment_id, key)
 
 
 def print_sweep_end(report: SweepReport | None, parent_run_id: str, failed: bool) -> None:
@@ -173,3 +197,6 @@ def print_sweep_end(report: SweepReport | None, parent_run_id: str, failed: bool
     console.print(f"sweep parent run {parent_run_id}{' (FAILED: a job failed)' if failed else ''}",
                   highlight=False)
     console.print(f"compare: metarec compare --sweep {parent_run_id}    browse: metarec ui", highlight=False)
+    if report is not None and report.view:
+        console.print(f"  (its 'latest sweep' link, {report.view} on the UI's address, opens this sweep's "
+                      "runs grouped by the swept keys)", highlight=False)

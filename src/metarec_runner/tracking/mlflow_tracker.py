@@ -27,6 +27,7 @@ from metarec_runner.tracking.flatten import flatten_config
 from metarec_runner.tracking.lifecycle import HEARTBEAT_TAG, Heartbeat, liveness_tags
 from metarec_runner.tracking.quiet import quiet_store_logs
 from metarec_runner.tracking.sqlite_store import RetryingClient, ensure_store
+from metarec_runner.tracking.ui_views import ensure_runs_view
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -130,7 +131,9 @@ class MlflowTracker:
                 if location is not None and "://" not in location:
                     # a local folder is the client's: a tracking server keeps its own artifact root
                     location = None if remote else Path(location).resolve().as_uri()
-                return self._client.create_experiment(self.experiment, location)
+                created = self._client.create_experiment(self.experiment, location)
+                ensure_runs_view(self._client, created, {})
+                return created
             except Exception:  # already exists (MLflow's error, or the database's unique constraint)
                 if (exp := self._client.get_experiment_by_name(self.experiment)) is None:
                     raise
@@ -138,6 +141,7 @@ class MlflowTracker:
             raise MetarecError(
                 f"MLflow experiment {self.experiment!r} is deleted in {self.tracking_uri}; "
                 "restore it (`mlflow experiments restore`) or choose another experiment name")
+        ensure_runs_view(self._client, exp.experiment_id, exp.tags)
         return exp.experiment_id
 
     def start(self, params: Mapping[str, Any], tags: Mapping[str, str] | None = None,
