@@ -18,9 +18,10 @@ def _script():
 
 
 @pytest.mark.slow
-def test_the_runs_table_and_a_run_page_show_what_a_researcher_reads(tmp_path):
+def test_the_runs_table_the_sweep_view_and_a_run_page_show_what_a_researcher_reads(tmp_path):
     check = _script()
     if check.browser() is None:
         pytest.skip("no Chromium on PATH (apt-get install chromium): the UI is not checked in a browser here")
     assert check.check(tmp_path) == []
-    assert (tmp_path / "runs_table.png").stat().st_size > 10_000 and (tmp_path / "run_page.png").stat().st_size > 10_000
+    for shot in ("runs_table.png", "sweep_view.png", "run_page.png"):
+        assert (tmp_path / shot).stat().st_size > 10_000
