@@ -19,6 +19,8 @@ import math
 import torch
 from torch import Tensor
 
+from metarec_runner.algos.ranking_loss import ranking_loss
+
 
 def _in_set(items: Tensor, pool: Tensor, pool_mask: Tensor) -> Tensor:
     """Bool ``[B, L]``: whether ``items [B, L]`` is among task ``b``'s real ``pool [B, E]`` items."""
@@ -58,23 +60,27 @@ def sampled_softmax_loss(user: Tensor, out: Tensor, offset: Tensor, pos_items: T
                          negatives: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`catalog_softmax_loss` with the catalog replaced by ``negatives [M]`` shared items.
 
-    Logits are ``s_i - log(M q_i)`` (``log_q [n_items]``: log sampling probabilities); a sampled
-    item that is one of the task's excluded items (``excl_items [B, E]``) or the positive itself
-    (an accidental hit) is left out. ``user [B, d]``, ``out [n_items, d]``, ``offset [n_items]``.
+    Each positive is one softmax of :func:`~metarec_runner.algos.ranking_loss.ranking_loss`
+    (``kind="softmax"``) against the negatives, with logits ``s_i - log(M q_i)`` (``log_q
+    [n_items]``: log sampling probabilities); a sampled item that is one of the task's excluded
+    items (``excl_items [B, E]``) or the positive itself (an accidental hit) is masked out for
+    that positive. ``user [B, d]``, ``out [n_items, d]``, ``offset [n_items]``.
     """
-    log_m = math.log(negatives.shape[0])
+    b, p = pos_items.shape
+    log_mq = log_q + math.log(negatives.shape[0])  # [n_items]: log(M q_i)
 
-    def logits(items: Tensor) -> Tensor:  # [B, L] corrected scores of items [B, L]
-        return (user.unsqueeze(-2) * out[items]).sum(-1) + offset[items] - log_q[items] - log_m
+    def scores(items: Tensor) -> Tensor:  # [B, L] scores of items [B, L]
+        return (user.unsqueeze(-2) * out[items]).sum(-1) + offset[items]
 
-    s = logits(pos_items)  # [B, P]
-    neg_items = negatives.unsqueeze(0).expand(user.shape[0], -1)
-    neg = logits(neg_items)  # [B, M]
-    drop = _in_set(neg_items, excl_items, excl_mask).unsqueeze(1)  # [B, 1, M]
-    drop = drop | (negatives.view(1, 1, -1) == pos_items.unsqueeze(-1))  # [B, P, M]
-    neg = neg.unsqueeze(1).expand(-1, s.shape[1], -1).masked_fill(drop, torch.finfo(s.dtype).min)
-    denom = torch.logsumexp(torch.cat([s.unsqueeze(-1), neg], -1), -1)
-    return _task_mean(denom - s, pos_mask)
+    neg_items = negatives.unsqueeze(0).expand(b, -1)  # [B, M]
+    keep = ~_in_set(neg_items, excl_items, excl_mask).unsqueeze(1)  # [B, 1, M]
+    keep = keep & (negatives.view(1, 1, -1) != pos_items.unsqueeze(-1))  # [B, P, M]
+    neg = scores(neg_items).unsqueeze(1).expand(-1, p, -1)  # [B, P, M]
+    per_positive = ranking_loss(
+        scores(pos_items).reshape(-1, 1), torch.ones(b * p, 1, dtype=torch.bool, device=user.device),
+        neg.reshape(b * p, -1), "softmax", keep.reshape(b * p, -1),
+        log_mq[pos_items].reshape(-1, 1), log_mq[negatives].expand(b * p, -1))
+    return _task_mean(per_positive.view(b, p), pos_mask)
 
 
 WEIGHTINGS = ("task", "positive")
