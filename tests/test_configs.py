@@ -126,3 +126,14 @@ def test_unknown_constructor_key_is_a_config_error():
     cfg = compose("+algo=maml", *FAST, "+algo.not_a_key=1")
     with pytest.raises(ConfigError, match="algo: cannot build"):
         build("algo", cfg.algo, model=Prepared(compose("+algo=global", *FAST)).model)
+
+
+@pytest.mark.parametrize("overrides, name", [([], "maml-melu-toy-s0"), (["seed=3"], "maml-melu-toy-s3"),
+                                             (["seed=1", "split_seed=2"], "maml-melu-toy-s1-split2")])
+def test_run_names_tell_split_seeds_apart(overrides, name):
+    """A split-seed sweep's runs get distinct names (and output folders); split seed 0 adds nothing."""
+    from hydra.core.hydra_config import HydraConfig
+
+    cfg = compose("+algo=maml", *overrides, hydra=True)
+    HydraConfig.instance().set_config(cfg)  # run_name reads the group choices from Hydra's config
+    assert cfg.run_name == name

@@ -12,6 +12,9 @@ def register_resolvers() -> None:
     ``${metarec.direction:<metric>}``: ``maximize`` or ``minimize`` from the metric's declared
     direction (:mod:`metarec_runner.evaluate.metric_specs`), e.g. the Optuna preset's
     ``hydra.sweeper.direction: ${metarec.direction:${trainer.monitor}}``.
+
+    ``${metarec.seeds:<seed>,<split_seed>}``: the run name's seed part, ``s3`` (split seed 0,
+    the default) or ``s3-split2``, so the runs of a split-seed sweep are told apart by name.
     """
     from omegaconf import OmegaConf
 
@@ -19,6 +22,13 @@ def register_resolvers() -> None:
 
     if not OmegaConf.has_resolver("metarec.direction"):
         OmegaConf.register_new_resolver("metarec.direction", sweeper_direction)
+    if not OmegaConf.has_resolver("metarec.seeds"):
+        OmegaConf.register_new_resolver("metarec.seeds", seed_suffix)
+
+
+def seed_suffix(seed: object, split_seed: object = 0) -> str:
+    """``s<seed>``, plus ``-split<split_seed>`` when the split seed is not 0."""
+    return f"s{seed}" if str(split_seed) in ("0", "None") else f"s{seed}-split{split_seed}"
 
 
 def conf_dir() -> Path:

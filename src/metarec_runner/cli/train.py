@@ -29,7 +29,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from metarec_runner.config.rules import check_config
 from metarec_runner.errors import MetarecError, fail
-from metarec_runner.paths import conf_dir, discard_run_folder
+from metarec_runner.paths import conf_dir, discard_run_folder, register_resolvers
+
+register_resolvers()  # also in launcher workers (joblib, Ray), which import this module to run a job
 
 
 def train_job(cfg: DictConfig) -> float:
