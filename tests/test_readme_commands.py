@@ -98,6 +98,7 @@ SHRINK: list[tuple[str, list[str], int]] = [
     # algos are the two baselines the README's `compare` commands pair against
     (r"-m experiment=coldstart_ml100k$", ["split_seed=0", "+coldstart=popularity,ease"], 2),
     (r"-m experiment=coldstart_mlsmall$", ["split_seed=0", "+coldstart=popularity,ease"], 2),
+    (r"-m experiment=coldstart_lastfm$", ["split_seed=0", "+coldstart=popularity,itemknn"], 2),
 ]
 
 # Commands that need something this machine may lack: (regex, predicate, reason when it is False).
