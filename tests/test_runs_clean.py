@@ -21,6 +21,7 @@ from metarec_runner.tracking.lifecycle import (
     HOST_TAG,
     PID_TAG,
     Terminated,
+    raise_if_terminated,
     terminate_as_interrupt,
 )
 from metarec_runner.tracking.sqlite_store import TrackingStoreError
@@ -66,6 +67,23 @@ def test_sigterm_raises_terminated_and_the_handler_is_restored() -> None:
         assert seen == []
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def test_a_sigterm_whose_raise_was_swallowed_still_ends_the_run() -> None:
+    """A SIGTERM handled while Python runs a finalizer: its Terminated is printed and dropped
+    there, so the training loop's raise_if_terminated (after every step) raises it instead."""
+    class Finalizer:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            _wait_for_signal()  # the handler raises here, inside __del__: Python drops it
+
+    raise_if_terminated()  # nothing received: nothing raised
+    with pytest.raises(Terminated, match="SIGTERM"):
+        with terminate_as_interrupt():
+            finalizer = Finalizer()
+            del finalizer  # the signal's own raise is swallowed
+            raise_if_terminated()
+    raise_if_terminated()  # acted on once; a new block starts clean
 
 
 def test_a_second_sigterm_while_ending_the_run_is_ignored() -> None:

@@ -22,6 +22,7 @@ from metarec_runner.evaluate.evaluator import EvalResult, QueryEvaluator
 from metarec_runner.evaluate.metric_specs import UnknownMetric, monitor_mode
 from metarec_runner.tasks.taskset import TaskSet
 from metarec_runner.tracking.layout import epoch_metrics
+from metarec_runner.tracking.lifecycle import raise_if_terminated
 
 DIVERGENCE_FACTOR = 30.0  # a loss this many times its value at the start of training: warn once
 _KNOBS = {"train/loss": "algo.meta_optimizer.lr", "train/inner_loss": "algo.inner_lr"}
@@ -134,6 +135,7 @@ class Runner:
                 self._first_step = {f"train/{k}": v for k, v in stats.items()}
             steps += 1
             progress.update(bar, advance=len(chunk))
+            raise_if_terminated()  # a SIGTERM whose own raise was swallowed (lifecycle.py)
         seconds = time.perf_counter() - start
         out = {f"train/{k}": v / steps for k, v in sums.items()}
         out["sys/sec_per_outer_step"] = seconds / steps

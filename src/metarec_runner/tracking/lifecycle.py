@@ -130,11 +130,30 @@ def terminate_as_interrupt() -> Iterator[None]:
             log.warning("SIGTERM again while ending the run: ignored (SIGKILL stops the process)")
             return
         received.append(signum)
+        _pending.append(signum)  # for raise_if_terminated, should this raise be swallowed
         raise Terminated(f"terminated by signal {signal.Signals(signum).name}")
 
     previous = signal.signal(signal.SIGTERM, handler)
+    _pending.clear()
     try:
         yield
     finally:
+        _pending.clear()
         # None: a handler not installed from Python; the default action is the closest match
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+_pending: list[int] = []  # a SIGTERM received inside terminate_as_interrupt, not yet acted on
+
+
+def raise_if_terminated() -> None:
+    """Raise :class:`Terminated` if a SIGTERM arrived inside :func:`terminate_as_interrupt`.
+
+    The handler raises at once, but an exception raised while Python runs a finalizer
+    (``__del__``, a weakref callback) is printed and dropped, and that SIGTERM would be lost.
+    The training loop calls this after every step, so such a signal still ends the run.
+    """
+    if _pending:
+        signum = _pending[0]
+        _pending.clear()
+        raise Terminated(f"terminated by signal {signal.Signals(signum).name}")
