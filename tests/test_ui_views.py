@@ -47,7 +47,7 @@ def test_a_tracked_run_gives_its_experiment_the_runs_view_once(tmp_path: Path):
     assert _view(client, tracker.experiment_id, ui_views.RUNS_VIEW) == edited
 
 
-def test_a_store_refusing_the_view_still_tracks(tmp_path: Path, caplog):
+def test_a_store_refusing_the_view_still_tracks(caplog):
     class Refusing:
         def set_experiment_tag(self, *args):
             raise PermissionError("read-only experiment")

@@ -69,20 +69,20 @@ PLUGIN_CONFIGS: dict[str, tuple[str, str]] = {
 def extra_providing(distribution: str, package: str = "metarec-runner") -> str | None:
     """The smallest optional extra of ``package`` that requires ``distribution`` (``"ray"``
     for ``hydra-ray-launcher``), from the installed metadata; None when no extra names it."""
-    from importlib.metadata import PackageNotFoundError, requires
+    from importlib.metadata import PackageNotFoundError, metadata, requires
+
+    from packaging.requirements import Requirement  # hydra-core's own dependency
+    from packaging.utils import canonicalize_name
 
     try:
-        requirements = requires(package) or []
+        extras = metadata(package).get_all("Provides-Extra") or []
+        requirements = [Requirement(line) for line in requires(package) or []]
     except PackageNotFoundError:
         return None
-    members: dict[str, set[str]] = {}
-    for line in requirements:
-        spec, _, marker = line.partition(";")
-        found = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", marker)
-        name = re.split(r"[\s<>=!~\[;(]", spec.strip(), maxsplit=1)[0].lower().replace("_", "-")
-        if found:
-            members.setdefault(found[1], set()).add(name)
-    having = [extra for extra, names in members.items() if distribution in names]
+    members = {extra: {canonicalize_name(r.name) for r in requirements
+                       if r.marker is not None and r.marker.evaluate({"extra": extra})}
+               for extra in extras}
+    having = [extra for extra, names in members.items() if canonicalize_name(distribution) in names]
     return min(having, key=lambda extra: (len(members[extra]), extra)) if having else None
 
 
