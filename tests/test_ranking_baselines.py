@@ -135,6 +135,27 @@ def test_itemknn_equals_a_hand_computed_top1_neighbour():
     np.testing.assert_allclose(_scores(algo, _new_users([[0, 2]])).numpy()[0], raw / raw.max(), rtol=1e-6)
 
 
+def test_items_without_interactions_are_left_out_of_the_solve_exactly():
+    # X5 with a never-interacted item inserted as column 2: EASE and ItemKNN solve only the 4 seen
+    # items, and must equal the closed form over all 5 (whose weights to and from item 2 are 0)
+    x = np.insert(X5, 2, 0.0, axis=1)
+    x[0, 4] = 1.0  # the catalog (max item id + 1) still ends at item 4
+    lam = 2.0
+    ease = EASE(nn.Linear(1, 1), l2=lam)
+    ease.fit(_matrix_tasks(x))
+    p = np.linalg.inv(x.T @ x + lam * np.eye(5))
+    b = np.eye(5) - p @ np.diag(1.0 / np.diag(p))
+    assert np.allclose(b[2], 0.0) and np.allclose(b[:, 2], 0.0)
+    np.testing.assert_allclose(ease.weights.numpy(), b, rtol=1e-5, atol=1e-6)
+    knn = ItemKNN(nn.Linear(1, 1), neighbours=10, shrinkage=1.0)  # more neighbours than items
+    knn.fit(_matrix_tasks(x))
+    g = x.T @ x
+    n = np.sqrt(np.diag(g))
+    sim = g / (np.outer(n, n) + 1.0)
+    np.fill_diagonal(sim, 0.0)
+    np.testing.assert_allclose(knn.similarity(torch.device("cpu")).numpy(), sim, rtol=1e-6)
+
+
 def test_als_fold_in_equals_the_ridge_solution():
     algo = ALS(nn.Linear(1, 1), factors=3, regularization=0.5, iterations=10, confidence=4.0, seed=1)
     algo.fit(_matrix_tasks(X5))
