@@ -8,8 +8,10 @@ import importlib.util
 import io
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -316,6 +318,42 @@ def test_prewarm_leaves_other_launchers_alone() -> None:
     before = get_start_method()
     PrewarmWorkers().on_multirun_start(compose("+algo=maml", hydra=True))  # the basic (sequential) launcher
     assert get_start_method() == before
+
+
+_EDIT_MID_SWEEP = """
+import os, pathlib, sys
+from metarec_runner.cli import train
+from metarec_runner.cli.app import app
+live = pathlib.Path(os.environ["METAREC_CONF_DIR"])
+original = train.train_job
+def job_then_break_the_live_configs(cfg):
+    result = original(cfg)
+    (live / "trainer" / "default.yaml").write_text("max_epochs: [unclosed\\n")  # unparsable
+    (live / "algo" / "popularity.yaml").unlink(missing_ok=True)
+    return result
+train.train_job = job_then_break_the_live_configs
+app(sys.argv[1:], prog_name="metarec")
+"""
+
+
+def test_a_config_edit_during_a_sweep_leaves_its_jobs_alone(tmp_path: Path) -> None:
+    """Every job of ``metarec train -m`` composes from the configs as they were when the sweep
+    started: after job 0 the live conf/ gets a broken YAML file and loses the swept algo's file,
+    and job 1 still runs (it failed before, and so did long studies whose conf/ was edited)."""
+    from metarec_runner.paths import conf_dir
+
+    live = tmp_path / "conf"
+    shutil.copytree(conf_dir(), live, ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path / "outputs"
+    (tmp_path / "driver.py").write_text(_EDIT_MID_SWEEP)
+    res = subprocess.run([sys.executable, str(tmp_path / "driver.py"), "train", "-m", "+algo=popularity",
+                          "logger=none", "seed=0,1", *TINY], cwd=tmp_path, capture_output=True, text=True,
+                         env=metarec_env(out, METAREC_CONF_DIR=str(live)), check=False, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    jobs = sorted(p.name for p in (out / "multiruns").glob("*/*/*") if (p / "metrics.json").is_file())
+    assert [j.split("_")[0] for j in jobs] == ["0", "1"]
+    assert not (live / "algo" / "popularity.yaml").exists()  # the edits did happen
+    assert not list(Path(tempfile.gettempdir()).glob("metarec-conf-*/conf/algo/popularity.yaml"))  # copy removed
 
 
 @pytest.mark.slow

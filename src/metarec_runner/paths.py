@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+FROZEN_CONF_ENV = "METAREC_FROZEN_CONF_DIR"  # set by frozen_conf_dir while a sweep runs
 
 
 def register_resolvers() -> None:
@@ -32,15 +38,48 @@ def seed_suffix(seed: object, split_seed: object = 0) -> str:
 
 
 def conf_dir() -> Path:
-    """The primary config folder: ``METAREC_CONF_DIR``, else the one shipped with the package.
+    """The primary config folder: ``METAREC_CONF_DIR``, else the one shipped with the package;
+    inside a sweep, the copy of it the sweep took at its start (:func:`frozen_conf_dir`).
 
     Whoever composes these configs asks for this folder first, so it also registers the
     resolvers they use (:func:`register_resolvers`).
     """
     register_resolvers()
+    frozen = os.environ.get(FROZEN_CONF_ENV)  # a running sweep's copy (frozen_conf_dir), where it exists
+    if frozen and Path(frozen).is_dir():
+        return Path(frozen)
     env = os.environ.get("METAREC_CONF_DIR")
     path = Path(env) if env else Path(__file__).resolve().parent / "conf"
     return path.resolve()
+
+
+@contextmanager
+def frozen_conf_dir(source: Path) -> Iterator[Path]:
+    """A private copy of the config folder ``source`` for as long as the block runs.
+
+    A sweep composes each job's config only when the launcher gets to that job (Hydra's basic
+    launcher and the Optuna sweeper compose one job at a time), from the files on disk. So an edit
+    under ``conf/`` while a sweep runs would change or break the jobs still to come.
+    ``metarec train -m`` composes from this copy, taken when the sweep starts, and so every job
+    runs the configs the sweep was started with. Folders added with ``hydra.searchpath`` are
+    still read live.
+
+    The jobs read it too (:func:`conf_dir`, through ``METAREC_FROZEN_CONF_DIR``: the option names
+    of the capability checks), in this process and in local workers. A worker on another machine
+    (Ray, SLURM) does not have the copy and reads its own ``conf/``, as before.
+    """
+    before = os.environ.get(FROZEN_CONF_ENV)
+    with tempfile.TemporaryDirectory(prefix="metarec-conf-") as tmp:
+        frozen = Path(tmp) / "conf"
+        shutil.copytree(source, frozen, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        os.environ[FROZEN_CONF_ENV] = str(frozen)
+        try:
+            yield frozen
+        finally:
+            if before is None:
+                os.environ.pop(FROZEN_CONF_ENV, None)
+            else:
+                os.environ[FROZEN_CONF_ENV] = before
 
 
 def output_root() -> Path:

@@ -19,6 +19,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import hydra
@@ -29,7 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from metarec_runner.config.rules import check_config
 from metarec_runner.errors import MetarecError, fail
-from metarec_runner.paths import conf_dir, discard_run_folder, register_resolvers
+from metarec_runner.paths import conf_dir, discard_run_folder, frozen_conf_dir, register_resolvers
 
 register_resolvers()  # also in launcher workers (joblib, Ray), which import this module to run a job
 
@@ -214,8 +215,17 @@ def main() -> None:
 
     original = hydra_utils.run_and_report
     hydra_utils.run_and_report = _one_line_composition_errors(original)
+    # a sweep composes its jobs one by one as it goes: from a copy of conf/ taken now, so an edit
+    # made meanwhile cannot change or break the jobs still to come
+    configs = frozen_conf_dir(conf_dir()) if is_multirun(sys.argv[1:]) else nullcontext(conf_dir())
     try:
-        app = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
-        app(train_job)()
+        with configs as config_path:
+            app = hydra.main(version_base="1.3", config_path=str(config_path), config_name="config")
+            app(train_job)()
     finally:
         hydra_utils.run_and_report = original
+
+
+def is_multirun(args: list[str]) -> bool:
+    """Whether these ``metarec train`` arguments start a sweep (``-m``, ``--multirun``)."""
+    return any(a in ("-m", "--multirun") or a.replace(" ", "") == "hydra.mode=MULTIRUN" for a in args)
