@@ -390,3 +390,26 @@ def test_cli_errors_without_runs(tmp_path):
     res = _compare(out)
     assert res.returncode == 2 and "no MLflow store" in res.stderr
     assert not (out / "mlflow.db").exists()  # compare never creates a store
+
+
+@pytest.mark.slow
+def test_runs_that_scored_no_test_users_are_left_out_with_a_warning(tmp_path: Path) -> None:
+    """A study's experiment may also hold its tuning trials (evaluate_test=false): compare
+    leaves them out, says so, and compares the runs that were tested; with only untested runs it
+    fails with one line that says why."""
+    out = tmp_path / "outputs"
+    for extra in (["seed=0"], ["seed=1", "evaluate_test=false"]):
+        res = subprocess.run([*METAREC, "train", "+algo=popularity", *extra, *TINY], cwd=tmp_path,
+                             env=metarec_env(out), capture_output=True, text=True, check=False, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+    res = _compare(out, "--experiment", "train/toy", "--metric", "ndcg_at_10", "--format", "csv")
+    assert res.returncode == 0, res.stderr
+    assert "1 of 2 finished runs scored no test users (evaluate_test=false" in res.stderr
+    table = pd.read_csv(io.StringIO(res.stdout))
+    assert table["n_runs"].tolist() == [1]
+    from metarec_runner.report.store import collect_runs, without_untested
+
+    runs = collect_runs(f"sqlite:///{out}/mlflow.db", experiment="train/toy")
+    kept, line = without_untested(runs)
+    assert len(runs) == 2 and len(kept) == 1 and kept["seed"].tolist() == [0] and line
+    assert without_untested(runs[runs["seed"] == 1])[0].empty

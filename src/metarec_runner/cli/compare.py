@@ -49,16 +49,23 @@ def compare(
         _fail("--by needs at least one tag or param, e.g. --by algo")
     from metarec_runner.paths import default_tracking_uri
     from metarec_runner.report.compare import compare_table, shots_table
-    from metarec_runner.report.store import CompareError, collect_runs, run_warnings, swept_keys
+    from metarec_runner.report.store import (
+        CompareError,
+        collect_runs,
+        run_warnings,
+        swept_keys,
+        without_untested,
+    )
 
     uri = tracking_uri or default_tracking_uri()
     try:
-        runs = collect_runs(uri, experiment=experiment, parent_run_id=sweep)
-        for line in run_warnings(runs, collect_runs(uri, experiment=experiment, parent_run_id=sweep, status=None)):
+        runs, untested = without_untested(collect_runs(uri, experiment=experiment, parent_run_id=sweep))
+        every = collect_runs(uri, experiment=experiment, parent_run_id=sweep, status=None)
+        for line in [*run_warnings(runs, every), *filter(None, [untested])]:
             typer.echo(f"metarec: warning: {line}", err=True)
         if runs.empty:
             where = f"sweep {sweep}" if sweep else (f"experiment {experiment!r}" if experiment else uri)
-            _fail(f"no finished runs in {where}")
+            _fail(f"no finished runs with test metrics in {where}" if untested else f"no finished runs in {where}")
         note = None
         if not group_by:  # a sweep: its varied keys; otherwise per algorithm
             group_by = (swept_keys(runs) if sweep else []) or ["algo"]

@@ -251,6 +251,23 @@ class PerTaskCache:
         return self._frames[key]
 
 
+def without_untested(runs: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
+    """``(runs that scored test users, a warning line or None)``: a run with no test metric at
+    all (``evaluate_test=false``: a tuning trial, which a study's experiment may hold beside the
+    study's runs) has nothing to compare and is left out, said in the line."""
+    tested_cols = [c for c in runs.columns if c.startswith(TEST_PREFIXES)]
+    if runs.empty:
+        return runs, None
+    untested = runs[tested_cols].isna().all(axis=1) if tested_cols else pd.Series(True, index=runs.index)
+    if not untested.any():
+        return runs, None
+    line = (f"{int(untested.sum())} of {len(runs)} finished runs scored no test users (evaluate_test=false, "
+            "e.g. the trials of a +hparams_search) and are left out")
+    kept = runs[~untested]
+    kept.attrs.update(runs.attrs)
+    return kept, line
+
+
 def run_warnings(finished: pd.DataFrame, every: pd.DataFrame) -> list[str]:
     """What a reader of a comparison must know about the runs it left out or counts once.
 
