@@ -90,7 +90,7 @@ def active_gram(x: sp.csr_matrix) -> tuple[Tensor, Tensor]:
     """``(active [A] item ids, G [A, A] float64)``: the Gram matrix ``X^T X`` restricted to the
     items with at least one interaction. An item without any has a zero row and column in
     ``X^T X``, so EASE's and ItemKNN's weights to and from it are exactly zero; leaving it out
-    makes the dense solve cubic in the items seen, not in the catalog (Last.fm 2K: ~14.5k of
+    makes the dense solve cubic in the items seen, not in the catalog (Last.fm 2K split 0: 14,198 of
     17,632 artists)."""
     seen = np.flatnonzero(np.asarray(x.getnnz(axis=0)) > 0)
     xa = x[:, seen]
